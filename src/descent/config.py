@@ -1,0 +1,180 @@
+"""The one validation layer: every key a run reads is checked here, before any data is touched or model built.
+
+A bad value raises `ConfigError`, whose message names the key, the value and what is allowed. Nothing here fixes
+a value silently. Checks that need the data (batch size against the training split) live in `check_batch_size`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig
+
+ACTIVATIONS = ("relu", "leaky_relu", "elu", "gelu", "silu", "tanh", "sigmoid")
+
+
+class ConfigError(ValueError):
+    """A config value that is not allowed: `key=value: what is allowed`."""
+
+    def __init__(self, key: str, value: Any, allowed: str) -> None:
+        self.key, self.value, self.allowed = key, value, allowed
+        super().__init__(f"{key}={_show(value)} is not allowed: {allowed}")
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, (ListConfig, DictConfig)):
+        from omegaconf import OmegaConf
+
+        return str(OmegaConf.to_container(value))
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check(cfg: DictConfig, key: str, ok: Callable[[Any], bool], allowed: str) -> None:
+    """Check `cfg[key]` (dotted) when present."""
+    node: Any = cfg
+    for part in key.split("."):
+        if not isinstance(node, DictConfig) or part not in node:
+            return
+        node = node[part]
+    if not ok(node):
+        raise ConfigError(key, node, allowed)
+
+
+def _in_unit(lo_open: bool, hi_open: bool) -> Callable[[Any], bool]:
+    def ok(v: Any) -> bool:
+        if not _is_number(v):
+            return False
+        return (v > 0 if lo_open else v >= 0) and (v < 1 if hi_open else v <= 1)
+
+    return ok
+
+
+def _positive_int(v: Any) -> bool:
+    return _is_int(v) and v > 0
+
+
+def _fractions(v: Any) -> bool:
+    return (
+        isinstance(v, (ListConfig, Sequence))
+        and len(v) == 3
+        and all(_is_number(f) and 0 < f < 1 for f in v)
+        and abs(sum(v) - 1.0) < 1e-6
+    )
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise `ConfigError` on the first value a run must not start with."""
+    _check(cfg, "seed", lambda v: _is_int(v) and v >= 0, "expected an int >= 0")
+    _check(cfg, "threads", lambda v: v == "auto" or _positive_int(v), "expected 'auto' or a positive int")
+    _check(cfg, "cv.folds", lambda v: _is_int(v) and (v == 0 or v >= 2), "expected 0 (off) or an int >= 2")
+
+    _check(cfg, "data.batch_size", lambda v: v == "full" or _positive_int(v), "expected a positive int or 'full'")
+    _check(cfg, "data.eval_batch_size", _positive_int, "expected a positive int")
+    _check(cfg, "data.split", _fractions, "expected 3 fractions in (0, 1) (train, val, test) that sum to 1")
+    _check(
+        cfg,
+        "data.stratify_by",
+        lambda v: (
+            isinstance(v, (ListConfig, Sequence)) and not isinstance(v, str) and all(isinstance(c, str) for c in v)
+        ),
+        "expected a list of column names, e.g. [label] or [label,sex]",
+    )
+    _check(
+        cfg,
+        "data.group_by",
+        lambda v: v is None or isinstance(v, str),
+        "expected null or a metadata column name",
+    )
+
+    _check(
+        cfg,
+        "model.hidden_dims",
+        lambda v: isinstance(v, (ListConfig, Sequence)) and all(_positive_int(d) for d in v),
+        "expected a list of positive ints, e.g. [256,256] (or [] for a linear model)",
+    )
+    _check(cfg, "model.batch_norm", lambda v: isinstance(v, bool), "expected true or false")
+    _check(cfg, "model.dropout", _in_unit(lo_open=False, hi_open=True), "expected a probability p in [0, 1)")
+    _check(cfg, "model.activation", lambda v: v in ACTIVATIONS, f"expected one of {', '.join(ACTIVATIONS)}")
+
+    _check(cfg, "optimizer.lr", lambda v: _is_number(v) and v > 0, "expected a finite learning rate > 0")
+    _check(cfg, "optimizer.momentum", _in_unit(lo_open=False, hi_open=True), "expected b in [0, 1)")
+    _check(cfg, "optimizer.dampening", _in_unit(lo_open=False, hi_open=False), "expected a value in [0, 1]")
+    _check(cfg, "optimizer.alpha", _in_unit(lo_open=False, hi_open=True), "expected b in [0, 1)")
+    _check(
+        cfg,
+        "optimizer.betas",
+        lambda v: isinstance(v, (ListConfig, Sequence)) and len(v) == 2 and all(_in_unit(False, True)(b) for b in v),
+        "expected [b1, b2], each in [0, 1)",
+    )
+    _check(
+        cfg,
+        "optimizer.eps",
+        lambda v: _is_number(v) and v > 0,
+        "expected eps > 0 (eps = 0 divides by zero where a gradient is exactly 0, as on constant pixels)",
+    )
+    _check(cfg, "optimizer.weight_decay", lambda v: _is_number(v) and v >= 0, "expected a finite value >= 0")
+
+    _check(cfg, "trainer.max_epochs", _positive_int, "expected a positive int")
+    _check(cfg, "trainer.min_epochs", lambda v: _is_int(v) and v >= 0, "expected an int >= 0")
+    _check(
+        cfg,
+        "trainer.check_val_every_n_epoch",
+        lambda v: v == 1,
+        "expected 1: the best epoch is chosen on val",
+    )
+    _check(
+        cfg,
+        "trainer.val_check_interval",
+        lambda v: v in (None, 1, 1.0),
+        "expected 1.0 (validate every epoch)",
+    )
+    _check(cfg, "callbacks.early_stopping.patience", lambda v: _is_int(v) and v >= 0, "expected an int >= 0")
+
+
+def check_batch_size(batch_size: int | str, n_train: int, batch_norm: bool) -> int:
+    """The number of samples per training batch, refusing sizes the data or batch norm cannot take."""
+    size = n_train if batch_size == "full" else int(batch_size)
+    if size > n_train:
+        raise ConfigError(
+            "data.batch_size",
+            batch_size,
+            f"expected at most the training split's {n_train} samples, or 'full'",
+        )
+    if batch_norm and size == 1:
+        raise ConfigError(
+            "data.batch_size",
+            batch_size,
+            "batch norm needs at least 2 samples a batch: use data.batch_size>=2, or model.batch_norm=false "
+            "for stochastic gradient descent",
+        )
+    return size
+
+
+def exit_on_config_error(run: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """Turn a `ConfigError` into one logged line and exit code 2 (a traceback only with HYDRA_FULL_ERROR=1)."""
+    import functools
+    import logging
+    import os
+    import sys
+
+    @functools.wraps(run)
+    def wrapper(cfg: Any) -> Any:
+        try:
+            return run(cfg)
+        except ConfigError as error:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            logging.getLogger("descent").error("%s", error)
+            sys.exit(2)
+
+    return wrapper

@@ -1,0 +1,105 @@
+"""What a run leaves on disk: metrics.csv (one row per epoch) and results.json (the best epoch's numbers)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.trainer.states import TrainerFn
+
+COLUMNS = (
+    "epoch",
+    "step",
+    "time_s",
+    "train/loss",
+    "train/acc",
+    "train/f1",
+    "val/loss",
+    "val/acc",
+    "val/f1",
+    "lr",
+)
+
+
+class EpochHistory(pl.Callback):
+    """Records each epoch's metrics and writes `metrics.csv` as it goes, whatever the logger.
+
+    Written by hand because Lightning's CSVLogger writes one row per log call (so train, val and lr land on separate
+    rows), and deletes an existing metrics.csv when a run resumes into its folder. The rows travel in checkpoints.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.rows: list[dict[str, float]] = []
+        self._elapsed_before = 0.0  # training seconds of the run before a resume
+        self._started = 0.0
+        self._lr = float("nan")
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._started = time.perf_counter()
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._lr = trainer.optimizers[0].param_groups[0]["lr"]  # the lr this epoch trains with (schedulers step later)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
+            return
+        logged = trainer.callback_metrics
+        row = {
+            "epoch": trainer.current_epoch,
+            "step": trainer.global_step,
+            "time_s": round(self._elapsed_before + time.perf_counter() - self._started, 4),
+            **{key: float(logged[key]) for key in COLUMNS if key in logged},
+            "lr": self._lr,
+        }
+        self.rows.append(row)
+        self.write()
+
+    def write(self) -> None:
+        with open(self.path, "w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(self.rows)
+
+    def state_dict(self) -> dict[str, Any]:
+        elapsed = self._elapsed_before + (time.perf_counter() - self._started if self._started else 0.0)
+        return {"rows": self.rows, "elapsed": elapsed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.rows = list(state_dict["rows"])
+        self._elapsed_before = float(state_dict["elapsed"])
+
+    def best(self) -> dict[str, float] | None:
+        """The row with the highest val/acc, the first one on ties, as ModelCheckpoint(mode=max) keeps it."""
+        scored = [row for row in self.rows if math.isfinite(row.get("val/acc", math.nan))]
+        return max(scored, key=lambda row: row["val/acc"]) if scored else None
+
+
+def peak_rss_mb() -> float:
+    """The process's peak resident memory in MB (Linux reports kilobytes)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN: a diverged metric is written as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_finite(item) for item in value]
+    return value
+
+
+def write_results(path: Path, results: dict[str, Any]) -> None:
+    path.write_text(json.dumps(_finite(results), indent=2) + "\n")
+
+
+def read_results(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())

@@ -1,0 +1,201 @@
+"""The Hydra entry: validate the config, build source -> split -> DataModule -> model -> Trainer, fit, test, write.
+
+Flow of one run (`python train.py [OVERRIDES]`): the config is validated before any data is read; the split is
+saved as split.npz; the model trains on train, the epoch with the best val/acc is kept (best.ckpt) and tested.
+A bad value ends the run with one message naming the key, and status `failed` in results.json.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from descent.config import ConfigError, check_batch_size, exit_on_config_error, validate
+from descent.results import EpochHistory, peak_rss_mb, write_results
+
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+log = logging.getLogger("descent")
+
+
+def quiet_lightning() -> None:
+    """Drop two lines that say nothing about the run: Lightning's advert for its cloud service, and a deprecation
+    warning raised inside Lightning by this torch version."""
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    lightning_log = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    lightning_log.addFilter(lambda record: "Tip:" not in record.getMessage())
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def set_threads(threads: int | str, batch_size: int) -> int:
+    """torch's intra-op threads: `auto` uses one thread for mini-batches (measured faster here up to batch 256,
+    where the per-op work is too small to split) and every core above that."""
+    count = threads if threads != "auto" else 1 if batch_size <= 256 else available_cores()
+    torch.set_num_threads(int(count))
+    return int(count)
+
+
+def build_callbacks(cfg: DictConfig, run_dir: Path, has_logger: bool) -> list[Any]:
+    """The Lightning callbacks of `callbacks.*` that are not null; checkpoints go to <run_dir>/checkpoints."""
+    from hydra.utils import instantiate
+
+    callbacks = []
+    for name, callback_cfg in (cfg or {}).items():
+        if callback_cfg is None:
+            continue
+        if name == "lr_monitor" and not has_logger:
+            log.info("callbacks.lr_monitor is off: it needs a logger (logger=none); metrics.csv still has the lr")
+            continue
+        extra = {"dirpath": run_dir / "checkpoints"} if name == "model_checkpoint" else {}
+        callbacks.append(instantiate(callback_cfg, **extra))
+    return callbacks
+
+
+def build_loggers(cfg: DictConfig | None, run_dir: Path) -> list[Any]:
+    """The Lightning loggers of `logger.*`, each writing under the run folder."""
+    from hydra.utils import instantiate
+
+    return [instantiate(logger_cfg, save_dir=str(run_dir)) for logger_cfg in (cfg or {}).values() if logger_cfg]
+
+
+def fit_and_test(cfg: DictConfig, source: Any, split: Any, run_dir: Path) -> dict[str, Any]:
+    """Train one model on `split`, test its best epoch, and return the results.json content (status and numbers)."""
+    from hydra.utils import instantiate
+    from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar
+
+    from descent.data.datamodule import ImageDataModule, feature_stats
+    from descent.model import Classifier
+
+    batch_size = check_batch_size(cfg.data.batch_size, len(split.train), cfg.model.batch_norm)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    split.save(run_dir / "split.npz")
+    threads = set_threads(cfg.threads, batch_size)
+
+    model = Classifier(
+        input_shape=list(source.image_shape),
+        num_classes=source.num_classes,
+        optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
+        scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True) if cfg.scheduler else None,
+        **OmegaConf.to_container(cfg.model, resolve=True),
+    )
+    model.set_standardization(*map(torch.from_numpy, feature_stats(source.images, split.train)))
+    datamodule = ImageDataModule(source, split, batch_size, cfg.data.eval_batch_size, cfg.seed)
+
+    loggers = build_loggers(cfg.logger, run_dir)
+    history = EpochHistory(run_dir / "metrics.csv")
+    callbacks = [history, *build_callbacks(cfg.callbacks, run_dir, has_logger=bool(loggers))]
+    trainer = instantiate(
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=loggers or False,
+        default_root_dir=str(run_dir),
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+        enable_progress_bar=any(isinstance(c, ProgressBar) for c in callbacks),
+    )
+    log.info(
+        "data=%s n_train=%d n_val=%d n_test=%d batch_size=%d threads=%d",
+        source.name, len(split.train), len(split.val), len(split.test), batch_size, threads,
+    )  # fmt: skip
+
+    started = time.perf_counter()
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    fit_seconds = time.perf_counter() - started
+
+    rows, best = (
+        list(history.rows),
+        history.best(),
+    )  # before test(), which reloads callback states from best.ckpt
+    checkpoint = trainer.checkpoint_callback
+    best_path = checkpoint.best_model_path if checkpoint is not None else ""
+    if not best_path:
+        log.warning("no best.ckpt (callbacks.model_checkpoint=null): testing the last epoch's weights")
+    tested = trainer.test(model, datamodule=datamodule, ckpt_path=best_path or None, verbose=False)[0]
+
+    if not best_path or best is None:
+        best = rows[-1] if rows else {}
+    status = "ok"
+    if model.diverged_at is not None:
+        status = "diverged"
+        log.warning(
+            "diverged: the training loss became NaN or infinite at step %d; the run stopped there and keeps "
+            "the metrics of its best epoch so far (try a smaller optimizer.lr)",
+            model.diverged_at,
+        )
+    epochs = len(rows)
+    return {
+        "status": status,
+        "error": None,
+        "metrics": {
+            **{key: value for key, value in best.items() if key.startswith(("train/", "val/"))},
+            **{key: float(value) for key, value in tested.items()},
+        },
+        "best_epoch": best.get("epoch"),
+        "tested": "best" if best_path else "last",
+        "epochs": epochs,
+        "steps": trainer.global_step,
+        "n_train": len(split.train),
+        "n_val": len(split.val),
+        "n_test": len(split.test),
+        "batch_size": batch_size,
+        "train_samples_per_s": round(epochs * len(split.train) / fit_seconds, 1) if fit_seconds > 0 else None,
+    }
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Validate, read the source, split it, and fit (one split)."""
+    import pytorch_lightning as pl
+
+    from descent.data.sources import build_source
+    from descent.data.splits import train_val_test
+
+    validate(cfg)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    source = build_source(cfg.data)
+    split = train_val_test(source.labels, tuple(cfg.data.split), cfg.seed)
+    return fit_and_test(cfg, source, split, run_dir)
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """One Hydra job: train, then write results.json whatever happened (ok, diverged or failed)."""
+    quiet_lightning()
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    started = time.perf_counter()
+    results: dict[str, Any] = {"status": "failed", "error": None, "overrides": list(hydra_cfg.overrides.task)}
+    try:
+        results |= train(cfg, run_dir)
+    except ConfigError as error:
+        results["error"] = str(error)
+        raise
+    except Exception as error:
+        results["error"] = f"{type(error).__name__}: {error}"
+        raise
+    finally:
+        results["duration_s"] = round(time.perf_counter() - started, 3)
+        results["peak_rss_mb"] = peak_rss_mb()
+        write_results(run_dir / "results.json", results)
+    metrics = results["metrics"]
+    log.info(
+        "%s: test/acc=%.4f val/acc=%.4f (best epoch %s of %d, %d steps) -> %s",
+        results["status"], metrics.get("test/acc", float("nan")), metrics.get("val/acc", float("nan")),
+        results["best_epoch"], results["epochs"], results["steps"], run_dir / "results.json",
+    )  # fmt: skip
+    return results
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+@exit_on_config_error
+def main(cfg: DictConfig) -> float | None:
+    """`python train.py [OVERRIDES]`: one run; returns the best val/acc (what a sweeper maximizes)."""
+    return run(cfg)["metrics"].get("val/acc")
