@@ -1,0 +1,17 @@
+"""`python scripts/bench.py [--scale | --sweep]`: speed and memory side by side with a plain PyTorch loop.
+
+Default: s/epoch, samples/s and ratio for batch sizes 1, 32, 256 and full; the last line is
+`overhead ratio at batch size 32: X.XX`. `--scale`: out-of-core throughput and memory. `--sweep`: launcher speed-up.
+"""
+
+import argparse
+import importlib
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--scale", action="store_true", help="out-of-core throughput and memory (data=synthetic)")
+    mode.add_argument("--sweep", action="store_true", help="joblib vs basic launcher on a 4-job sweep")
+    args, rest = parser.parse_known_args()
+    name = "scale" if args.scale else "sweep" if args.sweep else "loop"
+    importlib.import_module(f"descent.benchmarks.{name}").main(rest)
