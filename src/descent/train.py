@@ -62,14 +62,17 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, has_logger: bool) -> list[An
     return callbacks
 
 
-def build_loggers(cfg: DictConfig | None, run_dir: Path) -> list[Any]:
-    """The Lightning loggers of `logger.*`, each writing under the run folder."""
+def build_loggers(cfg: DictConfig | None, run_dir: Path, group: str | None, job_type: str) -> list[Any]:
+    """The Lightning loggers of `logger.*`, each writing under the run folder. `group` gathers the runs of one
+    cross-validation or sweep, `job_type` says what this one is (train, fold, eval), for loggers that show them."""
     from hydra.utils import instantiate
 
     return [instantiate(logger_cfg, save_dir=str(run_dir)) for logger_cfg in (cfg or {}).values() if logger_cfg]
 
 
-def fit_and_test(cfg: DictConfig, source: Any, split: Any, run_dir: Path) -> dict[str, Any]:
+def fit_and_test(
+    cfg: DictConfig, source: Any, split: Any, run_dir: Path, group: str | None = None, job_type: str = "train"
+) -> dict[str, Any]:
     """Train one model on `split`, test its best epoch, and return the results.json content (status and numbers)."""
     from hydra.utils import instantiate
     from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar
@@ -92,7 +95,7 @@ def fit_and_test(cfg: DictConfig, source: Any, split: Any, run_dir: Path) -> dic
     model.set_standardization(*map(torch.from_numpy, feature_stats(source.images, split.train)))
     datamodule = ImageDataModule(source, split, batch_size, cfg.data.eval_batch_size, cfg.seed)
 
-    loggers = build_loggers(cfg.logger, run_dir)
+    loggers = build_loggers(cfg.logger, run_dir, group, job_type)
     history = EpochHistory(run_dir / "metrics.csv")
     callbacks = [history, *build_callbacks(cfg.callbacks, run_dir, has_logger=bool(loggers))]
     trainer = instantiate(
