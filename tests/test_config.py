@@ -1,7 +1,12 @@
 """Bad values are refused before training, by name, with what is allowed."""
 
+import math
+
 import pytest
 from conftest import compose_train
+from hypothesis import given
+from hypothesis import strategies as st
+from omegaconf import OmegaConf
 
 from descent.config import ConfigError, check_batch_size, validate
 
@@ -65,3 +70,116 @@ def test_batch_norm_with_batches_of_one_sample_suggests_turning_it_off():
         check_batch_size(1, 1077, batch_norm=True)
     assert check_batch_size(1, 1077, batch_norm=False) == 1
     assert check_batch_size("full", 1077, batch_norm=True) == 1077
+
+
+MORE_BAD = [
+    ("seed=4294967296", "seed"),
+    ("seed=1.5", "seed"),
+    ("seed=true", "seed"),
+    ("ckpt_path=5", "ckpt_path"),
+    ("threads=-1", "threads"),
+    ("data.eval_batch_size=0", "data.eval_batch_size"),
+    ("data.split=[0.6,0.2,nan]", "data.split"),
+    ("data.split=[0.6,0.2,0.1,0.1]", "data.split"),
+    ("data.stratify_by=label", "data.stratify_by"),
+    ("model.hidden_dims=''", "model.hidden_dims"),
+    ("model.hidden_dims=[16.5]", "model.hidden_dims"),
+    ("model.hidden_dims=16", "model.hidden_dims"),
+    ("model.dropout=nan", "model.dropout"),
+    ("optimizer.lr=true", "optimizer.lr"),
+    ("optimizer.lr=[0.1]", "optimizer.lr"),
+    ("optimizer.lr=-inf", "optimizer.lr"),
+    ("optimizer=adam optimizer.betas=[0.9,nan]", "optimizer.betas"),
+    ("optimizer=adam optimizer.betas=[0.9,0.98,0.99]", "optimizer.betas"),
+    ("optimizer=adam optimizer.eps=inf", "optimizer.eps"),
+    ("optimizer=adam +optimizer.amsgrad=maybe", "optimizer.amsgrad"),
+    ("optimizer=sgd +optimizer.nesterov=1", "optimizer.nesterov"),
+    ("optimizer=sgd +optimizer.dampening=-0.5", "optimizer.dampening"),
+    ("optimizer=rmsprop optimizer.alpha=1", "optimizer.alpha"),
+    ("optimizer.weight_decay=nan", "optimizer.weight_decay"),
+    ("scheduler=cosine trainer.max_epochs=-3", "trainer.max_epochs"),
+    ("scheduler=step scheduler.scheduler.step_size=0", "scheduler.scheduler.step_size"),
+    ("scheduler=step scheduler.scheduler.gamma=-0.5", "scheduler.scheduler.gamma"),
+    ("scheduler=plateau scheduler.scheduler.factor=1.0", "scheduler.scheduler.factor"),
+    ("scheduler=plateau scheduler.scheduler.patience=-1", "scheduler.scheduler.patience"),
+    ("scheduler=plateau scheduler.scheduler.mode=up", "scheduler.scheduler.mode"),
+    ("scheduler=plateau scheduler.interval=batch", "scheduler.interval"),
+    ("trainer.max_epochs=2.5", "trainer.max_epochs"),
+    ("trainer.min_epochs=-1", "trainer.min_epochs"),
+    ("trainer.devices=0", "trainer.devices"),
+    ("trainer.devices=[]", "trainer.devices"),
+    ("trainer.log_every_n_steps=0", "trainer.log_every_n_steps"),
+    ("+trainer.gradient_clip_val=-1", "trainer.gradient_clip_val"),
+    ("+trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches"),
+    ("+trainer.check_val_every_n_epoch=2", "trainer.check_val_every_n_epoch"),
+    ("callbacks.early_stopping.patience=-2", "callbacks.early_stopping.patience"),
+    ("+callbacks.early_stopping.min_delta=-0.1", "callbacks.early_stopping.min_delta"),
+    ("callbacks.model_checkpoint.mode=best", "callbacks.model_checkpoint.mode"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "key"), MORE_BAD)
+def test_a_bad_type_or_range_is_refused_naming_its_key(overrides, key):
+    cfg = compose_train(*overrides.split())
+    with pytest.raises(ConfigError) as error:
+        validate(cfg)
+    assert error.value.key == key
+    assert str(error.value).startswith(f"{key}=") and "expected" in str(error.value)
+
+
+@pytest.mark.parametrize("name", ["cosine", "step", "plateau"])
+def test_every_scheduler_default_is_valid(name):
+    validate(compose_train(f"scheduler={name}"))
+
+
+# Property-based: one composed config, values set through OmegaConf (composing per example would be slow).
+CFG = compose_train("optimizer=adam")
+SCALARS = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.integers(-(2**40), 2**40),
+    st.booleans(),
+    st.none(),
+    st.text(max_size=5),
+)
+
+
+def _accepted(key: str, value: object) -> bool:
+    cfg = CFG.copy()
+    OmegaConf.update(cfg, key, value, force_add=True)
+    try:
+        validate(cfg)
+    except ConfigError as error:
+        assert error.key == key
+        return False
+    return True
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@given(SCALARS)
+def test_a_learning_rate_is_accepted_exactly_when_finite_and_positive(value):
+    assert _accepted("optimizer.lr", value) == (_number(value) and value > 0)
+
+
+@given(SCALARS)
+def test_a_dropout_is_accepted_exactly_when_a_probability_below_one(value):
+    assert _accepted("model.dropout", value) == (_number(value) and 0 <= value < 1)
+
+
+@given(st.lists(st.floats(allow_nan=True, allow_infinity=True), max_size=4))
+def test_betas_are_accepted_exactly_when_two_values_in_the_unit_interval(values):
+    assert _accepted("optimizer.betas", values) == (len(values) == 2 and all(0 <= b < 1 for b in values))
+
+
+@given(st.lists(st.floats(0, 1), min_size=1, max_size=5))
+def test_split_fractions_are_accepted_exactly_when_three_positive_summing_to_one(values):
+    expected = len(values) == 3 and all(0 < f < 1 for f in values) and abs(sum(values) - 1) < 1e-6
+    assert _accepted("data.split", values) == expected
+
+
+@given(SCALARS)
+def test_a_seed_is_accepted_exactly_when_an_int_numpy_can_take(value):
+    expected = isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 2**32 - 1
+    assert _accepted("seed", value) == expected

@@ -13,6 +13,8 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig
 
 ACTIVATIONS = ("relu", "leaky_relu", "elu", "gelu", "silu", "tanh", "sigmoid")
+MAX_SEED = 2**32 - 1  # numpy's seeds are uint32; Lightning refuses larger ones with a traceback
+OPTIMIZER_FLAGS = ("nesterov", "amsgrad", "centered", "maximize", "foreach", "fused", "capturable", "differentiable")
 
 
 class ConfigError(ValueError):
@@ -63,6 +65,14 @@ def _positive_int(v: Any) -> bool:
     return _is_int(v) and v > 0
 
 
+def _non_negative(v: Any) -> bool:
+    return _is_number(v) and v >= 0
+
+
+def _is_list(v: Any) -> bool:
+    return isinstance(v, (ListConfig, Sequence)) and not isinstance(v, str)
+
+
 def _fractions(v: Any) -> bool:
     return (
         isinstance(v, (ListConfig, Sequence))
@@ -74,7 +84,8 @@ def _fractions(v: Any) -> bool:
 
 def validate(cfg: DictConfig) -> None:
     """Raise `ConfigError` on the first value a run must not start with."""
-    _check(cfg, "seed", lambda v: _is_int(v) and v >= 0, "expected an int >= 0")
+    _check(cfg, "seed", lambda v: _is_int(v) and 0 <= v <= MAX_SEED, f"expected an int in [0, {MAX_SEED}]")
+    _check(cfg, "ckpt_path", lambda v: v is None or isinstance(v, str), "expected null or a checkpoint's path")
     _check(cfg, "threads", lambda v: v == "auto" or _positive_int(v), "expected 'auto' or a positive int")
     _check(cfg, "cv.folds", lambda v: _is_int(v) and (v == 0 or v >= 2), "expected 0 (off) or an int >= 2")
 
@@ -84,9 +95,7 @@ def validate(cfg: DictConfig) -> None:
     _check(
         cfg,
         "data.stratify_by",
-        lambda v: (
-            isinstance(v, (ListConfig, Sequence)) and not isinstance(v, str) and all(isinstance(c, str) for c in v)
-        ),
+        lambda v: _is_list(v) and all(isinstance(c, str) for c in v),
         "expected a list of column names, e.g. [label] or [label,sex]",
     )
     _check(
@@ -99,7 +108,7 @@ def validate(cfg: DictConfig) -> None:
     _check(
         cfg,
         "model.hidden_dims",
-        lambda v: isinstance(v, (ListConfig, Sequence)) and all(_positive_int(d) for d in v),
+        lambda v: _is_list(v) and all(_positive_int(d) for d in v),
         "expected a list of positive ints, e.g. [256,256] (or [] for a linear model)",
     )
     _check(cfg, "model.batch_norm", lambda v: isinstance(v, bool), "expected true or false")
@@ -113,7 +122,7 @@ def validate(cfg: DictConfig) -> None:
     _check(
         cfg,
         "optimizer.betas",
-        lambda v: isinstance(v, (ListConfig, Sequence)) and len(v) == 2 and all(_in_unit(False, True)(b) for b in v),
+        lambda v: _is_list(v) and len(v) == 2 and all(_in_unit(False, True)(b) for b in v),
         "expected [b1, b2], each in [0, 1)",
     )
     _check(
@@ -122,10 +131,24 @@ def validate(cfg: DictConfig) -> None:
         lambda v: _is_number(v) and v > 0,
         "expected eps > 0 (eps = 0 divides by zero where a gradient is exactly 0, as on constant pixels)",
     )
-    _check(cfg, "optimizer.weight_decay", lambda v: _is_number(v) and v >= 0, "expected a finite value >= 0")
+    _check(cfg, "optimizer.weight_decay", _non_negative, "expected a finite value >= 0")
+    for flag in OPTIMIZER_FLAGS:
+        _check(cfg, f"optimizer.{flag}", lambda v: v is None or isinstance(v, bool), "expected true, false or null")
 
     _check(cfg, "trainer.max_epochs", _positive_int, "expected a positive int")
     _check(cfg, "trainer.min_epochs", lambda v: _is_int(v) and v >= 0, "expected an int >= 0")
+    _check(
+        cfg,
+        "trainer.devices",
+        lambda v: (
+            v == "auto" or _positive_int(v) or (_is_list(v) and len(v) > 0 and all(_is_int(d) and d >= 0 for d in v))
+        ),
+        "expected 'auto', a positive int, or a list of device indices",
+    )
+    _check(cfg, "trainer.num_sanity_val_steps", lambda v: _is_int(v) and v >= -1, "expected an int >= -1")
+    _check(cfg, "trainer.log_every_n_steps", _positive_int, "expected a positive int")
+    _check(cfg, "trainer.gradient_clip_val", lambda v: v is None or _non_negative(v), "expected null or a value >= 0")
+    _check(cfg, "trainer.accumulate_grad_batches", _positive_int, "expected a positive int")
     _check(
         cfg,
         "trainer.check_val_every_n_epoch",
@@ -139,6 +162,22 @@ def validate(cfg: DictConfig) -> None:
         "expected 1.0 (validate every epoch)",
     )
     _check(cfg, "callbacks.early_stopping.patience", lambda v: _is_int(v) and v >= 0, "expected an int >= 0")
+    _check(cfg, "callbacks.early_stopping.min_delta", _non_negative, "expected a finite value >= 0")
+    for callback in ("early_stopping", "model_checkpoint"):
+        _check(cfg, f"callbacks.{callback}.mode", lambda v: v in ("min", "max"), "expected 'min' or 'max'")
+        _check(cfg, f"callbacks.{callback}.monitor", lambda v: isinstance(v, str), "expected a logged metric's name")
+    # after trainer: cosine's T_max follows trainer.max_epochs, whose own message names the key the user set
+    _check(cfg, "scheduler.interval", lambda v: v in ("epoch", "step"), "expected 'epoch' or 'step'")
+    _check(cfg, "scheduler.monitor", lambda v: isinstance(v, str), "expected a logged metric's name, e.g. val/loss")
+    _check(
+        cfg, "scheduler.scheduler.T_max", _positive_int, "expected a positive int (epochs of one cosine half-period)"
+    )
+    _check(cfg, "scheduler.scheduler.eta_min", _non_negative, "expected a finite learning rate >= 0")
+    _check(cfg, "scheduler.scheduler.step_size", _positive_int, "expected a positive int (epochs between decays)")
+    _check(cfg, "scheduler.scheduler.gamma", lambda v: _is_number(v) and v > 0, "expected a finite factor > 0")
+    _check(cfg, "scheduler.scheduler.factor", _in_unit(lo_open=True, hi_open=True), "expected a factor in (0, 1)")
+    _check(cfg, "scheduler.scheduler.patience", lambda v: _is_int(v) and v >= 0, "expected an int >= 0")
+    _check(cfg, "scheduler.scheduler.mode", lambda v: v in ("min", "max"), "expected 'min' or 'max'")
 
 
 def check_batch_size(batch_size: int | str, n_train: int, batch_norm: bool) -> int:

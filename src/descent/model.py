@@ -91,6 +91,8 @@ class Classifier(pl.LightningModule):
         self.train_metrics = _stage_metrics(num_classes)
         self.val_metrics = _stage_metrics(num_classes)
         self.test_metrics = _stage_metrics(num_classes)
+        for metrics in (self.train_metrics, self.val_metrics, self.test_metrics):
+            metrics.persistent(True)  # a mid-epoch checkpoint (SIGTERM) keeps the epoch's partial sums
         self.diverged_at: int | None = None  # the global step whose loss was NaN or infinite
 
     def set_standardization(self, mean: torch.Tensor, std: torch.Tensor) -> None:
@@ -117,6 +119,7 @@ class Classifier(pl.LightningModule):
             # stop at once and skip this update: the weights stay those of the last finite step
             self.diverged_at = self.global_step
             self.trainer.should_stop = True
+            self.trainer.fit_loop.min_epochs = 0  # stop now, even inside the first epoch (min_epochs would go on)
             return None
         return loss
 

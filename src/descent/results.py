@@ -69,11 +69,12 @@ class EpochHistory(pl.Callback):
 
     def state_dict(self) -> dict[str, Any]:
         elapsed = self._elapsed_before + (time.perf_counter() - self._started if self._started else 0.0)
-        return {"rows": self.rows, "elapsed": elapsed}
+        return {"rows": self.rows, "elapsed": elapsed, "lr": self._lr}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.rows = list(state_dict["rows"])
         self._elapsed_before = float(state_dict["elapsed"])
+        self._lr = state_dict.get("lr", self._lr)  # a mid-epoch resume skips on_train_epoch_start
 
     def best(self) -> dict[str, float] | None:
         """The row with the highest val/acc, the first one on ties, as ModelCheckpoint(mode=max) keeps it."""

@@ -20,6 +20,16 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from descent.config import ConfigError, check_batch_size, exit_on_config_error, validate
+from descent.reliability import (
+    GracefulStop,
+    Interrupted,
+    exit_on_interrupt,
+    plugins,
+    resumed_config,
+    run_state,
+    stop_on_signal,
+    task_overrides,
+)
 from descent.results import EpochHistory, peak_rss_mb, write_results
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
@@ -30,6 +40,7 @@ def quiet_lightning() -> None:
     """Drop two lines that say nothing about the run: Lightning's advert for its cloud service, and a deprecation
     warning raised inside Lightning by this torch version."""
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    warnings.filterwarnings("ignore", message=r".*`training_step` returned `None`")  # a diverged step, on purpose
     lightning_log = logging.getLogger("pytorch_lightning.utilities.rank_zero")
     lightning_log.addFilter(lambda record: "Tip:" not in record.getMessage())
 
@@ -97,10 +108,12 @@ def fit_and_test(
 
     loggers = build_loggers(cfg.logger, run_dir, group, job_type)
     history = EpochHistory(run_dir / "metrics.csv")
-    callbacks = [history, *build_callbacks(cfg.callbacks, run_dir, has_logger=bool(loggers))]
+    stopper = GracefulStop(run_dir / "checkpoints" / "last.ckpt")
+    callbacks = [history, run_state(cfg), stopper, *build_callbacks(cfg.callbacks, run_dir, has_logger=bool(loggers))]
     trainer = instantiate(
         cfg.trainer,
         callbacks=callbacks,
+        plugins=plugins(),
         logger=loggers or False,
         default_root_dir=str(run_dir),
         enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
@@ -111,9 +124,9 @@ def fit_and_test(
         source.name, len(split.train), len(split.val), len(split.test), batch_size, threads,
     )  # fmt: skip
 
-    started = time.perf_counter()
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    fit_seconds = time.perf_counter() - started
+    stop_on_signal(
+        lambda: trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True), stopper
+    )
 
     rows, best = (
         list(history.rows),
@@ -151,7 +164,10 @@ def fit_and_test(
         "n_val": len(split.val),
         "n_test": len(split.test),
         "batch_size": batch_size,
-        "train_samples_per_s": round(epochs * len(split.train) / fit_seconds, 1) if fit_seconds > 0 else None,
+        # over the whole training time, the part before a resume included (rows carry it)
+        "train_samples_per_s": round(epochs * len(split.train) / rows[-1]["time_s"], 1)
+        if rows and rows[-1]["time_s"] > 0
+        else None,
     }
 
 
@@ -175,9 +191,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     started = time.perf_counter()
-    results: dict[str, Any] = {"status": "failed", "error": None, "overrides": list(hydra_cfg.overrides.task)}
+    results: dict[str, Any] = {"status": "failed", "error": None, "overrides": task_overrides()}
     try:
+        cfg, results["overrides"] = resumed_config(cfg, results["overrides"], run_dir)
         results |= train(cfg, run_dir)
+    except Interrupted as stop:  # SIGTERM/SIGINT: last.ckpt is written; main exits with 128 + the signal
+        results |= {"status": "interrupted", "error": str(stop)}
+        log.warning("interrupted: %s; resume with: python train.py ckpt_path=%s hydra.run.dir=%s",
+                    stop, stop.last_checkpoint, run_dir)  # fmt: skip
+        raise
     except ConfigError as error:
         results["error"] = str(error)
         raise
@@ -199,6 +221,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 @exit_on_config_error
+@exit_on_interrupt
 def main(cfg: DictConfig) -> float | None:
     """`python train.py [OVERRIDES]`: one run; returns the best val/acc (what a sweeper maximizes)."""
     return run(cfg)["metrics"].get("val/acc")

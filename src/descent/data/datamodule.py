@@ -31,7 +31,8 @@ class TensorBatches:
     """Batches of in-memory tensors, reshuffled each epoch from (seed, epoch).
 
     Lightning's fit loop calls `sampler.set_epoch(epoch)` on every loader before an epoch; this object is its own
-    sampler so that the epoch number reaches the shuffle.
+    sampler so that the epoch number reaches the shuffle. Its state (epoch, batches served) travels in checkpoints,
+    so a run resumed from a mid-epoch checkpoint (written on SIGTERM) trains on the batches it had not seen yet.
     """
 
     def __init__(
@@ -41,6 +42,8 @@ class TensorBatches:
         self.bounds = batch_bounds(len(labels), batch_size)
         self.shuffle, self.seed, self.epoch = shuffle, seed, 0
         self.sampler, self.batch_sampler = self, None  # the attributes Lightning looks for on a loader
+        self.served = 0  # batches yielded in this epoch
+        self._resume: tuple[int, int] | None = None  # (epoch, batches already trained) from a mid-epoch checkpoint
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -48,13 +51,23 @@ class TensorBatches:
     def __len__(self) -> int:
         return len(self.bounds)
 
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "served": self.served}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if 0 < state["served"] < len(self):
+            self._resume = (state["epoch"], state["served"])
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         images, labels = self.images, self.labels
         if self.shuffle:
             generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
             order = torch.randperm(len(labels), generator=generator).to(labels.device)
             images, labels = images[order], labels[order]
-        for start, end in self.bounds:
+        skip = self._resume[1] if self._resume is not None and self._resume[0] == self.epoch else 0
+        self._resume, self.served = None, skip
+        for start, end in self.bounds[skip:]:
+            self.served += 1
             yield images[start:end], labels[start:end]
 
 

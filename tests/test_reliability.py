@@ -1,0 +1,243 @@
+"""Same seed same numbers, exact resume after SIGKILL/SIGTERM/SIGINT, divergence, safe checkpoints, no leaked secret.
+
+The kill tests use batch size 1 (about a thousand steps an epoch) so that an epoch lasts long enough to signal the
+run in its middle, without any delay added to the code under test.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import ENV, FAST, ROOT, results_of, run_script
+
+from descent.data.datamodule import TensorBatches
+from descent.reliability import AtomicCheckpointIO, plugins, rng_states, set_rng_states
+
+SMALL = [*FAST, "model.hidden_dims=[16]"]
+SLOW_EPOCHS = [
+    "callbacks.progress_bar=null", "model.hidden_dims=[16]", "data.batch_size=1", "model.batch_norm=false",
+    "optimizer=sgd", "optimizer.lr=0.01", "trainer.max_epochs=4",
+]  # fmt: skip
+DURATIONS = ("duration_s", "train_samples_per_s", "peak_rss_mb")
+
+
+def rows_of(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "metrics.csv") as file:
+        return list(csv.DictReader(file))
+
+
+def without_durations(results: dict) -> dict:
+    return {key: value for key, value in results.items() if key not in DURATIONS}
+
+
+def without_time(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    return [{key: value for key, value in row.items() if key != "time_s"} for row in rows]
+
+
+def start(run_dir: Path, *overrides: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *overrides, f"hydra.run.dir={run_dir}"],
+        cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+
+def wait_for_rows(process: subprocess.Popen, run_dir: Path, count: int) -> None:
+    """Until metrics.csv has `count` epoch rows (the epoch's checkpoints are written just after its row)."""
+    path = run_dir / "metrics.csv"
+    deadline = time.monotonic() + 300
+    while not (path.is_file() and len(path.read_text().splitlines()) > count):
+        assert process.poll() is None, process.communicate()[0]
+        assert time.monotonic() < deadline, "the run never reached its epoch"
+        time.sleep(0.01)
+
+
+def resume(run_dir: Path) -> subprocess.CompletedProcess:
+    return run_script("train.py", f"ckpt_path={run_dir}/checkpoints/last.ckpt", f"hydra.run.dir={run_dir}")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    process = run_script("train.py", *SLOW_EPOCHS, f"hydra.run.dir={run_dir}")
+    assert process.returncode == 0, process.stderr
+    return run_dir
+
+
+@pytest.mark.slow
+def test_a_run_killed_after_its_second_epoch_resumes_to_the_uninterrupted_metrics(uninterrupted, tmp_path):
+    run_dir = tmp_path / "run"
+    process = start(run_dir, *SLOW_EPOCHS)
+    wait_for_rows(process, run_dir, 2)
+    time.sleep(0.05)  # into the third epoch, or still writing the second's checkpoints: any moment must do
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] >= 1
+
+    resumed = resume(run_dir)
+    assert resumed.returncode == 0, resumed.stderr
+    assert without_durations(results_of(run_dir)) == without_durations(results_of(uninterrupted))
+    assert without_time(rows_of(run_dir)) == without_time(rows_of(uninterrupted))
+    for name in ("overrides.yaml", "config.yaml"):  # Hydra rewrote them for the resume command; the run's are back
+        assert (run_dir / ".hydra" / name).read_text() == (uninterrupted / ".hydra" / name).read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("signum", "how"), [(signal.SIGTERM, "ckpt_path"), (signal.SIGINT, "same command")])
+def test_a_signal_mid_epoch_leaves_an_interrupted_run_that_resumes_exactly(uninterrupted, tmp_path, signum, how):
+    run_dir = tmp_path / "run"
+    process = start(run_dir, *SLOW_EPOCHS)
+    wait_for_rows(process, run_dir, 1)
+    time.sleep(0.1)  # into the second epoch
+    process.send_signal(signum)
+    output = process.communicate(timeout=60)[0]
+
+    assert process.returncode == 128 + signum
+    results = results_of(run_dir)
+    assert results["status"] == "interrupted" and signal.Signals(signum).name in results["error"]
+    assert f"resume with: python train.py ckpt_path={run_dir}/checkpoints/last.ckpt" in output
+    assert "Traceback" not in output
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] % 1077 != 0  # written where the signal stopped it, not at an epoch's end
+
+    if how == "ckpt_path":
+        resumed = resume(run_dir)
+    else:  # as a requeued SLURM job does: the same command, in the same folder
+        resumed = run_script("train.py", *SLOW_EPOCHS, f"hydra.run.dir={run_dir}")
+    assert resumed.returncode == 0, resumed.stderr
+    assert without_durations(results_of(run_dir)) == without_durations(results_of(uninterrupted))
+    assert without_time(rows_of(run_dir)) == without_time(rows_of(uninterrupted))
+
+
+def test_on_slurm_only_one_requeue_mechanism_is_armed(monkeypatch):
+    from lightning_fabric.plugins.environments import SLURMEnvironment
+
+    assert not any(isinstance(plugin, SLURMEnvironment) for plugin in plugins())
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    monkeypatch.setenv("SLURM_JOB_NAME", "train")
+    (environment,) = [plugin for plugin in plugins() if isinstance(plugin, SLURMEnvironment)]
+    assert environment.auto_requeue is False  # submitit's launcher requeues; Lightning's must not too
+
+
+def test_a_resume_refuses_overrides_that_would_make_it_another_run(uninterrupted, tmp_path):
+    process = run_script(
+        "train.py", f"ckpt_path={uninterrupted}/checkpoints/last.ckpt", "optimizer.lr=0.5", f"hydra.run.dir={tmp_path}"
+    )
+    assert process.returncode == 2
+    assert "a resume continues the run's own config" in process.stdout + process.stderr
+    assert "Traceback" not in process.stderr
+
+
+@pytest.mark.slow
+def test_the_same_seed_gives_the_same_metrics_and_another_seed_others(train, tmp_path):
+    runs = {}
+    for name, seed in (("a", 7), ("b", 7), ("c", 8)):
+        process, run_dir = train(*SMALL, f"seed={seed}", run_dir=tmp_path / name)
+        assert process.returncode == 0, process.stderr
+        runs[name] = results_of(run_dir)
+    assert runs["a"]["metrics"] == runs["b"]["metrics"]
+    assert runs["a"]["metrics"] != runs["c"]["metrics"]
+    assert without_time(rows_of(tmp_path / "a")) == without_time(rows_of(tmp_path / "b"))
+
+
+def test_a_diverging_run_stops_at_once_says_so_once_and_exits_0(train):
+    process, run_dir = train("optimizer=sgd", "optimizer.lr=1e8", "trainer.max_epochs=3")
+    assert process.returncode == 0, process.stderr
+    results = results_of(run_dir)
+    assert results["status"] == "diverged"
+    assert results["epochs"] == 1 and results["steps"] < 34  # stopped inside the first epoch
+    output = process.stdout + process.stderr
+    assert len([line for line in output.splitlines() if "diverged:" in line and "WARNING" in line]) == 1
+    assert "returned `None`" not in output and "Traceback" not in output
+
+
+def test_checkpoints_load_with_weights_only_and_carry_the_rng_states(train):
+    process, run_dir = train(*SMALL)
+    assert process.returncode == 0, process.stderr
+    for name in ("best.ckpt", "last.ckpt"):
+        checkpoint = torch.load(run_dir / "checkpoints" / name, weights_only=True)
+        state = checkpoint["callbacks"]["descent"]
+        assert set(state["rng"]) == {"torch", "cuda", "numpy", "python"}
+        assert state["config"]["model"]["hidden_dims"] == [16] and state["config"]["ckpt_path"] is None
+        assert "model.hidden_dims=[16]" in state["overrides"]
+        assert isinstance(checkpoint["hyper_parameters"]["optimizer"], dict)
+
+
+def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
+    torch.manual_seed(0), np.random.seed(0), random.seed(0)
+    torch.save(rng_states(), tmp_path / "rng.pt")
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    set_rng_states(torch.load(tmp_path / "rng.pt", weights_only=True))
+    drawn = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(drawn[0], expected[0]) and np.array_equal(drawn[1], expected[1]) and drawn[2] == expected[2]
+
+
+def test_a_failed_checkpoint_write_leaves_the_previous_file_whole(tmp_path, monkeypatch):
+    path = tmp_path / "last.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"epoch": 1}, path)
+
+    def cut_short(obj, file):
+        file.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"epoch": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {"epoch": 1}
+    assert os.listdir(tmp_path) == ["last.ckpt"]
+
+
+def test_a_loader_restored_mid_epoch_serves_the_batches_not_yet_seen():
+    images, labels = torch.arange(20.0).reshape(10, 2), torch.arange(10)
+    loader = TensorBatches(images, labels, batch_size=2, shuffle=True, seed=3)
+    loader.set_epoch(1)
+    batches = iter(loader)
+    seen = [next(batches)[1] for _ in range(2)]
+    restored = TensorBatches(images, labels, batch_size=2, shuffle=True, seed=3)
+    restored.load_state_dict(loader.state_dict())
+    restored.set_epoch(1)
+    rest = [batch[1] for batch in restored]
+    assert torch.equal(torch.cat(seen + rest).sort().values, labels)
+    assert len(rest) == 3
+    restored.set_epoch(2)
+    assert len(list(restored)) == 5  # the next epoch is whole again
+
+
+LOGGERS = sorted(path.stem for path in (ROOT / "conf" / "logger").glob("*.yaml"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("logger", LOGGERS)
+def test_no_file_of_a_run_folder_holds_a_secret_of_the_environment(tmp_path, monkeypatch, logger):
+    secrets = {
+        "WANDB_API_KEY": "wandb-planted-3f9a1c7e",
+        "HF_TOKEN": "hf-planted-77b2",
+        "MY_SERVICE_SECRET": "secret-planted-51d0",
+        "DB_PASSWORD": "password-planted-a9e4",
+    }
+    for name, value in secrets.items():
+        monkeypatch.setitem(ENV, name, value)
+    run_dir = tmp_path / "run"
+    process = run_script(
+        "train.py", *SMALL, f"logger={logger}", "+x=${oc.env:WANDB_API_KEY}", f"hydra.run.dir={run_dir}"
+    )
+    assert process.returncode == 0, process.stderr
+    files = [path for path in run_dir.rglob("*") if path.is_file()]
+    assert len(files) >= 7
+    for path in files:
+        content = path.read_bytes()
+        for value in secrets.values():
+            assert value.encode() not in content, f"{value} found in {path}"
+    for value in secrets.values():
+        assert value not in process.stdout + process.stderr
