@@ -112,6 +112,7 @@ MORE_BAD = [
     ("+trainer.gradient_clip_val=-1", "trainer.gradient_clip_val"),
     ("+trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches"),
     ("+trainer.check_val_every_n_epoch=2", "trainer.check_val_every_n_epoch"),
+    ("+trainer.deterministic=yes", "trainer.deterministic"),
     ("callbacks.early_stopping.patience=-2", "callbacks.early_stopping.patience"),
     ("+callbacks.early_stopping.min_delta=-0.1", "callbacks.early_stopping.min_delta"),
     ("callbacks.model_checkpoint.mode=best", "callbacks.model_checkpoint.mode"),

@@ -151,6 +151,12 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg, "trainer.accumulate_grad_batches", _positive_int, "expected a positive int")
     _check(
         cfg,
+        "trainer.deterministic",
+        lambda v: v is None or isinstance(v, bool) or v == "warn",
+        "expected true, false, 'warn' or null",
+    )
+    _check(
+        cfg,
         "trainer.check_val_every_n_epoch",
         lambda v: v == 1,
         "expected 1: the best epoch is chosen on val",
