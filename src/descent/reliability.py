@@ -29,7 +29,8 @@ STATE_KEY = "descent"  # where RunState's entry sits under checkpoint["callbacks
 
 
 def rng_states() -> dict[str, Any]:
-    """torch (CPU and CUDA), numpy and Python RNG states as tensors and plain containers (weights_only-loadable)."""
+    """torch (CPU and CUDA), numpy and Python RNG states as tensors and plain containers. By hand because Lightning's
+    own collector keeps numpy's state as an ndarray, which `torch.load(weights_only=True)` refuses."""
     _, keys, position, has_gauss, cached_gaussian = np.random.get_state()
     version, python_state, gauss_next = random.getstate()
     return {
