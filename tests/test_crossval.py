@@ -1,13 +1,16 @@
 """Cross-validation, stratification and groups, and the data sources, through the real train.py."""
 
 import json
+import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from conftest import ENV, results_of, run_script
+from conftest import ENV, compose_train, results_of, run_script
 from data_files import labelled_people, write_arrays, write_png_folder
+
+from descent.config import ConfigError, validate
 
 ONE_EPOCH = ["trainer.max_epochs=1", "callbacks.progress_bar=null", "model.hidden_dims=[16]"]
 LEARN = ["trainer.max_epochs=2", "optimizer.lr=0.01", "data.batch_size=16", "callbacks.progress_bar=null",
@@ -160,3 +163,17 @@ def test_a_corrupt_image_stops_the_run_naming_its_path(train, tmp_path):
     output = process.stdout + process.stderr
     assert process.returncode == 2 and "Traceback" not in output
     assert f"cannot read the image {root}/dark/broken.png" in output
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["cv.folds=1"], "cv.folds=1 is not allowed: expected 0 (off) or an int >= 2"),
+        (["cv.folds=3", "cv.fold=3"], "cv.fold=3 is not allowed: expected null (every fold) or a fold number"),
+        (["cv.fold=0"], "cv.fold=0 is not allowed"),
+        (["cv.folds=3", "ckpt_path=last.ckpt"], "a checkpoint resumes one fold: add cv.fold=i"),
+    ],
+)
+def test_bad_cv_keys_are_refused_by_name(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate(compose_train(*overrides))

@@ -83,6 +83,12 @@ def validate(cfg: DictConfig) -> None:
         lambda v: v is None or (_is_int(v) and 0 <= v < cfg.cv.folds),
         "expected null (every fold) or a fold number in [0, cv.folds), with cv.folds >= 2",
     )
+    _check(
+        cfg,
+        "ckpt_path",
+        lambda v: v is None or not cfg.cv.folds or cfg.cv.get("fold") is not None,
+        "a checkpoint resumes one fold: add cv.fold=i (and hydra.run.dir=<the CV run's folder>)",
+    )
 
     _check(cfg, "data.batch_size", lambda v: v == "full" or _positive_int(v), "expected a positive int or 'full'")
     _check(cfg, "data.eval_batch_size", _positive_int, "expected a positive int")

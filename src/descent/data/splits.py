@@ -83,8 +83,8 @@ def strata(columns: dict[str, np.ndarray], needed: int) -> np.ndarray:
 
 
 def needed_per_stratum(fractions: tuple[float, float, float], folds: int = 0) -> int:
-    """Samples a stratum needs so that each part gets one: 1/smallest fraction for a split (5 for 60/20/20), and
-    for k folds, k test folds whose rest still holds the val share's 1/(val/(train+val)) (4 for 60/20/20)."""
+    """Samples a stratum needs so that each part gets one: 1/smallest fraction for a split (5 for 60/20/20); for k
+    folds, at least k, and enough that each fold's rest still gives val one (5 for 5 folds of 60/20/20, 6 for 3)."""
     train, val, _ = fractions
     if not folds:
         return math.ceil(1 / min(fractions) - 1e-9)
