@@ -88,6 +88,18 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg, "ckpt_path", lambda v: v is None or isinstance(v, str), "expected null or a checkpoint's path")
     _check(cfg, "threads", lambda v: v == "auto" or _positive_int(v), "expected 'auto' or a positive int")
     _check(cfg, "cv.folds", lambda v: _is_int(v) and (v == 0 or v >= 2), "expected 0 (off) or an int >= 2")
+    _check(
+        cfg,
+        "cv.fold",
+        lambda v: v is None or (_is_int(v) and 0 <= v < cfg.cv.folds),
+        "expected null (every fold) or a fold number in [0, cv.folds), with cv.folds >= 2",
+    )
+    _check(
+        cfg,
+        "ckpt_path",
+        lambda v: v is None or not cfg.cv.folds or cfg.cv.get("fold") is not None,
+        "a checkpoint resumes one fold: add cv.fold=i (and hydra.run.dir=<the CV run's folder>)",
+    )
 
     _check(cfg, "data.batch_size", lambda v: v == "full" or _positive_int(v), "expected a positive int or 'full'")
     _check(cfg, "data.eval_batch_size", _positive_int, "expected a positive int")
@@ -104,6 +116,14 @@ def validate(cfg: DictConfig) -> None:
         lambda v: v is None or isinstance(v, str),
         "expected null or a metadata column name",
     )
+
+    _check(cfg, "data.n_samples", _positive_int, "expected a positive int")
+    _check(cfg, "data.image_size", _positive_int, "expected a positive int (images are image_size x image_size)")
+    _check(cfg, "data.num_classes", lambda v: _is_int(v) and v >= 2, "expected an int >= 2")
+    _check(cfg, "data.chunk_size", _positive_int, "expected a positive int")
+    _check(cfg, "data.stream.in_memory_mb", lambda v: _is_number(v) and v >= 0, "expected a size in MB >= 0")
+    _check(cfg, "data.stream.block_size", _positive_int, "expected a positive int (samples)")
+    _check(cfg, "data.stream.prefetch", _positive_int, "expected a positive int (batches)")
 
     _check(
         cfg,

@@ -56,7 +56,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     model = Classifier(**checkpoint["hyper_parameters"])
     model.load_state_dict(checkpoint["state_dict"])
     source = build_source(run_cfg.data)
-    datamodule = ImageDataModule(source, split, 1, run_cfg.data.eval_batch_size, run_cfg.seed)
+    datamodule = ImageDataModule(
+        source, split, 1, run_cfg.data.eval_batch_size, run_cfg.seed, stream=run_cfg.data.get("stream")
+    )
     trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False, enable_progress_bar=False)
     tested = trainer.test(model, datamodule=datamodule, verbose=False)[0]
     return {

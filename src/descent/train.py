@@ -104,7 +104,9 @@ def fit_and_test(
         **OmegaConf.to_container(cfg.model, resolve=True),
     )
     model.set_standardization(*map(torch.from_numpy, feature_stats(source.images, split.train)))
-    datamodule = ImageDataModule(source, split, batch_size, cfg.data.eval_batch_size, cfg.seed)
+    datamodule = ImageDataModule(
+        source, split, batch_size, cfg.data.eval_batch_size, cfg.seed, stream=cfg.data.get("stream")
+    )
 
     loggers = build_loggers(cfg.logger, run_dir, group, job_type)
     history = EpochHistory(run_dir / "metrics.csv")
@@ -172,17 +174,23 @@ def fit_and_test(
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """Validate, read the source, split it, and fit (one split)."""
+    """Validate, read the source, split it (stratified on `data.stratify_by`, by `data.group_by`), and fit: one
+    split, or the k folds of `cv.folds` (each a run folder `fold_<i>/`)."""
     import pytorch_lightning as pl
 
+    from descent.crossval import cross_validate
     from descent.data.sources import build_source
-    from descent.data.splits import train_val_test
+    from descent.data.splits import make_splits
 
     validate(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     source = build_source(cfg.data)
-    split = train_val_test(source.labels, tuple(cfg.data.split), cfg.seed)
-    return fit_and_test(cfg, source, split, run_dir)
+    columns = {name: source.column(name) for name in cfg.data.stratify_by}
+    groups = source.column(cfg.data.group_by) if cfg.data.group_by else None
+    splits = make_splits(len(source.labels), columns, tuple(cfg.data.split), cfg.seed, cfg.cv.folds, groups)
+    if cfg.cv.folds:
+        return cross_validate(cfg, source, splits, run_dir, fit_and_test)
+    return fit_and_test(cfg, source, splits[0], run_dir)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
