@@ -42,7 +42,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     from descent.data.datamodule import ImageDataModule
     from descent.data.sources import build_source
     from descent.data.splits import Split
+    from descent.loggers import FinishWandbOnError, build_loggers, close_loggers
     from descent.model import Classifier
+    from descent.plots import confusion_matrix
 
     ckpt_path = Path(cfg.ckpt_path)
     if not ckpt_path.is_file():
@@ -59,9 +61,14 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     datamodule = ImageDataModule(
         source, split, 1, run_cfg.data.eval_batch_size, run_cfg.seed, stream=run_cfg.data.get("stream")
     )
-    trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    eval_dir = Path(HydraConfig.get().runtime.output_dir)
+    run_cfg.logger = cfg.logger
+    # grouped with the run (or the CV run, for a fold's checkpoint) whose config it reads
+    loggers = build_loggers(run_cfg, eval_dir, group=config_path.parent.parent.name, job_type="eval")
+    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=[FinishWandbOnError()],
+                          enable_checkpointing=False, enable_progress_bar=False)  # fmt: skip
     tested = trainer.test(model, datamodule=datamodule, verbose=False)[0]
-    return {
+    results = {
         "status": "ok",
         "error": None,
         "ckpt_path": str(ckpt_path.resolve()),
@@ -70,6 +77,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "metrics": {key: float(value) for key, value in tested.items()},
         "n_test": len(split.test),
     }
+    close_loggers(loggers, results, confusion_matrix(model.confusion.numpy(), eval_dir / "confusion_matrix.png"))
+    return results
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")

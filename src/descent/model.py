@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from pytorch_lightning.trainer.states import TrainerFn
 from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
@@ -93,6 +93,8 @@ class Classifier(pl.LightningModule):
         self.test_metrics = _stage_metrics(num_classes)
         for metrics in (self.train_metrics, self.val_metrics, self.test_metrics):
             metrics.persistent(True)  # a mid-epoch checkpoint (SIGTERM) keeps the epoch's partial sums
+        self.test_confusion = MulticlassConfusionMatrix(num_classes, validate_args=False)
+        self.confusion: torch.Tensor | None = None  # the last test's confusion matrix (rows: true, columns: predicted)
         self.diverged_at: int | None = None  # the global step whose loss was NaN or infinite
 
     def set_standardization(self, mean: torch.Tensor, std: torch.Tensor) -> None:
@@ -111,6 +113,8 @@ class Classifier(pl.LightningModule):
         predictions = logits.detach().argmax(dim=1)
         metrics["acc"].update(predictions, labels)
         metrics["f1"].update(predictions, labels)
+        if stage == "test":
+            self.test_confusion.update(predictions, labels)
         return loss
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
@@ -144,6 +148,8 @@ class Classifier(pl.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self.log_dict(self._compute("test"))
+        self.confusion = self.test_confusion.compute().cpu()
+        self.test_confusion.reset()
 
     def configure_optimizers(self) -> Any:
         from hydra.utils import instantiate

@@ -1,4 +1,5 @@
-"""What a run leaves on disk: metrics.csv (one row per epoch) and results.json (the best epoch's numbers)."""
+"""What a run leaves on disk: metrics.csv (one row per epoch), steps.csv (the training loss of every step) and
+results.json (the best epoch's numbers)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.trainer.states import TrainerFn
 
 COLUMNS = (
@@ -82,9 +84,48 @@ class EpochHistory(pl.Callback):
         return max(scored, key=lambda row: row["val/acc"]) if scored else None
 
 
+class StepLosses(pl.Callback):
+    """Writes the training loss of every optimizer step to `steps.csv` (`epoch`, `step`, `loss`), once per epoch.
+
+    The losses stay on the device during the epoch and are read back in one transfer at its end: no per-step
+    synchronisation, no per-step `self.log` (each costs ~0.35 ms a step here).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._losses: list[torch.Tensor] = []
+        self._steps: list[int] = []
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.ckpt_path is None or not self.path.is_file():  # a resumed run appends to its own file
+            self.path.write_text("epoch,step,loss\n")
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:  # fmt: skip
+        loss = outputs.get("loss") if isinstance(outputs, dict) else None
+        if loss is not None:
+            self._losses.append(loss)
+            self._steps.append(trainer.global_step)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        losses = torch.stack(self._losses).tolist() if self._losses else []
+        with open(self.path, "a") as file:
+            file.writelines(
+                f"{trainer.current_epoch},{step},{loss!r}\n" for step, loss in zip(self._steps, losses, strict=True)
+            )
+        self._losses, self._steps = [], []
+
+
 def peak_rss_mb() -> float:
     """The process's peak resident memory in MB (Linux reports kilobytes)."""
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def peak_gpu_mb() -> float | None:
+    """The peak GPU memory torch allocated in this process, in MB; None without a GPU in use."""
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    return round(torch.cuda.max_memory_allocated() / 2**20, 1)
 
 
 def _finite(value: Any) -> Any:

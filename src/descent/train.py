@@ -30,7 +30,7 @@ from descent.reliability import (
     stop_on_signal,
     task_overrides,
 )
-from descent.results import EpochHistory, peak_rss_mb, write_results
+from descent.results import EpochHistory, StepLosses, peak_gpu_mb, peak_rss_mb, write_results
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 log = logging.getLogger("descent")
@@ -73,14 +73,6 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, has_logger: bool) -> list[An
     return callbacks
 
 
-def build_loggers(cfg: DictConfig | None, run_dir: Path, group: str | None, job_type: str) -> list[Any]:
-    """The Lightning loggers of `logger.*`, each writing under the run folder. `group` gathers the runs of one
-    cross-validation or sweep, `job_type` says what this one is (train, fold, eval), for loggers that show them."""
-    from hydra.utils import instantiate
-
-    return [instantiate(logger_cfg, save_dir=str(run_dir)) for logger_cfg in (cfg or {}).values() if logger_cfg]
-
-
 def fit_and_test(
     cfg: DictConfig, source: Any, split: Any, run_dir: Path, group: str | None = None, job_type: str = "train"
 ) -> dict[str, Any]:
@@ -89,6 +81,7 @@ def fit_and_test(
     from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar
 
     from descent.data.datamodule import ImageDataModule, feature_stats
+    from descent.loggers import FinishWandbOnError, build_loggers, close_loggers
     from descent.model import Classifier
 
     batch_size = check_batch_size(cfg.data.batch_size, len(split.train), cfg.model.batch_norm)
@@ -108,10 +101,11 @@ def fit_and_test(
         source, split, batch_size, cfg.data.eval_batch_size, cfg.seed, stream=cfg.data.get("stream")
     )
 
-    loggers = build_loggers(cfg.logger, run_dir, group, job_type)
+    loggers = build_loggers(cfg, run_dir, group, job_type)
     history = EpochHistory(run_dir / "metrics.csv")
     stopper = GracefulStop(run_dir / "checkpoints" / "last.ckpt")
-    callbacks = [history, run_state(cfg), stopper, *build_callbacks(cfg.callbacks, run_dir, has_logger=bool(loggers))]
+    callbacks = [history, StepLosses(run_dir / "steps.csv"), FinishWandbOnError(stopper), run_state(cfg), stopper,
+                 *build_callbacks(cfg.callbacks, run_dir, has_logger=bool(loggers))]  # fmt: skip
     trainer = instantiate(
         cfg.trainer,
         callbacks=callbacks,
@@ -151,7 +145,7 @@ def fit_and_test(
             model.diverged_at,
         )
     epochs = len(rows)
-    return {
+    results = {
         "status": status,
         "error": None,
         "metrics": {
@@ -171,6 +165,13 @@ def fit_and_test(
         if rows and rows[-1]["time_s"] > 0
         else None,
     }
+    confusion_png = None
+    if model.confusion is not None:
+        from descent.plots import confusion_matrix
+
+        confusion_png = confusion_matrix(model.confusion.numpy(), run_dir / "confusion_matrix.png")
+    close_loggers(loggers, results, confusion_png)
+    return results
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
@@ -217,6 +218,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     finally:
         results["duration_s"] = round(time.perf_counter() - started, 3)
         results["peak_rss_mb"] = peak_rss_mb()
+        if (gpu_mb := peak_gpu_mb()) is not None:
+            results["peak_gpu_mb"] = gpu_mb
         write_results(run_dir / "results.json", results)
     metrics = results["metrics"]
     log.info(
