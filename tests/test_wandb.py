@@ -159,7 +159,7 @@ def fit(folder, *overrides, **kwargs):
 
 
 def fit_in_one_process(body: str) -> subprocess.CompletedProcess:
-    """Several fit_and_test calls in one process, as the CV loop and a sweep's jobs make them."""
+    """Several fit_and_test calls in one process, as the CV loop makes them."""
     common = json.dumps([*FAST, "trainer.max_epochs=1", "logger=wandb"])
     return subprocess.run(
         [sys.executable, "-c", FIT_PRELUDE + body, str(ROOT / "conf"), common],
@@ -170,9 +170,7 @@ def fit_in_one_process(body: str) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_folds_of_a_cv_run_share_one_group(tmp_path):
     cv_dir = tmp_path / "cv-run"
-    process = fit_in_one_process(
-        f"for fold in range(2): fit('{cv_dir}/fold_' + str(fold), group='cv-run', job_type='fold')"
-    )
+    process = run_train(cv_dir, "cv.folds=2", "logger=wandb")
     assert process.returncode == 0, process.stderr
     folds = [offline_runs(cv_dir / f"fold_{fold}") for fold in range(2)]
     assert [len(fold_runs) for fold_runs in folds] == [1, 1]
