@@ -108,6 +108,12 @@ class StepLosses(pl.Callback):
             self._steps.append(trainer.global_step)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._write(trainer)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._write(trainer)  # an interrupted epoch keeps its steps so far; a resume appends the rest
+
+    def _write(self, trainer: pl.Trainer) -> None:
         losses = torch.stack(self._losses).tolist() if self._losses else []
         with open(self.path, "a") as file:
             file.writelines(
