@@ -2,7 +2,9 @@
 
 The module never names an optimizer or a scheduler: it receives their Hydra configs as plain dicts (so that a
 checkpoint loads with `torch.load(weights_only=True)`) and completes them in `configure_optimizers`.
-Metrics are aggregated per epoch by torchmetrics; nothing is logged or synchronised per step.
+Metrics are aggregated per epoch by torchmetrics; nothing is logged or synchronised per step. Each step only keeps
+its per-sample losses, predictions and labels (on the device); torchmetrics gets them in one update every
+`METRIC_FLUSH_STEPS` steps and at the end of the epoch: the same numbers as an update per step, at ~10% of its cost.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from pytorch_lightning.trainer.states import TrainerFn
 from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
+
+METRIC_FLUSH_STEPS = 256  # bounds what waits for torchmetrics to 256 batches of predictions and labels
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
@@ -96,6 +100,10 @@ class Classifier(pl.LightningModule):
         self.test_confusion = MulticlassConfusionMatrix(num_classes, validate_args=False)
         self.confusion: torch.Tensor | None = None  # the last test's confusion matrix (rows: true, columns: predicted)
         self.diverged_at: int | None = None  # the global step whose loss was NaN or infinite
+        # per stage: (per-sample losses, predictions, labels) of the steps torchmetrics has not seen yet
+        self._pending: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {
+            stage: [] for stage in ("train", "val", "test")
+        }
 
     def set_standardization(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         self.mean.copy_(torch.as_tensor(mean).flatten())
@@ -107,15 +115,34 @@ class Classifier(pl.LightningModule):
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         images, labels = batch
         logits = self(images)
-        loss = F.cross_entropy(logits, labels)
+        losses = F.cross_entropy(logits, labels, reduction="none")
+        pending = self._pending[stage]
+        pending.append((losses.detach(), logits.detach().argmax(dim=1), labels))
+        if len(pending) >= METRIC_FLUSH_STEPS:
+            self._flush(stage)
+        return losses.mean()
+
+    def _flush(self, stage: str) -> None:
+        """Feed the pending steps to the stage's torchmetrics in one update each. The loss goes in per sample, so
+        its epoch mean is over samples (MeanMetric drops weights under nan_strategy="disable")."""
+        pending = self._pending[stage]
+        if not pending:
+            return
+        losses, predictions, labels = (torch.cat(parts) for parts in zip(*pending, strict=True))
+        pending.clear()
         metrics = getattr(self, f"{stage}_metrics")
-        metrics["loss"].update(loss.detach(), len(labels))
-        predictions = logits.detach().argmax(dim=1)
+        metrics["loss"].update(losses)
         metrics["acc"].update(predictions, labels)
         metrics["f1"].update(predictions, labels)
         if stage == "test":
             self.test_confusion.update(predictions, labels)
-        return loss
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """The metric states are part of it (a mid-epoch checkpoint keeps the epoch's partial sums): they first take
+        in the pending steps."""
+        for stage in self._pending:
+            self._flush(stage)
+        return super().state_dict(*args, **kwargs)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         loss = self._step(batch, "train")
@@ -134,6 +161,7 @@ class Classifier(pl.LightningModule):
         self._step(batch, "test")
 
     def _compute(self, stage: str) -> dict[str, torch.Tensor]:
+        self._flush(stage)
         metrics = getattr(self, f"{stage}_metrics")
         values = {f"{stage}/{name}": value for name, value in metrics.compute().items()}
         metrics.reset()

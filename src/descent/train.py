@@ -7,6 +7,7 @@ A bad value ends the run with one message naming the key, and status `failed` in
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import time
@@ -45,6 +46,15 @@ def quiet_lightning() -> None:
     lightning_log.addFilter(lambda record: "Tip:" not in record.getMessage())
 
 
+def freeze_heap() -> None:
+    """Move the objects alive now (mostly the ~400,000 that importing torch and Lightning leaves) out of the garbage
+    collector's sight: Python's exit runs full collections that traverse them all, ~1.3 s of CPU of a 5 s run.
+    Before a later job of the same process (a sweep) it first collects what the previous job left."""
+    if gc.get_freeze_count():
+        gc.collect()  # cheap: the frozen objects are skipped
+    gc.freeze()
+
+
 def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
@@ -73,21 +83,10 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, has_logger: bool) -> list[An
     return callbacks
 
 
-def fit_and_test(
-    cfg: DictConfig, source: Any, split: Any, run_dir: Path, group: str | None = None, job_type: str = "train"
-) -> dict[str, Any]:
-    """Train one model on `split`, test its best epoch, and return the results.json content (status and numbers)."""
-    from hydra.utils import instantiate
-    from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar
-
-    from descent.data.datamodule import ImageDataModule, feature_stats
-    from descent.loggers import FinishWandbOnError, build_loggers, close_loggers
+def build_model(cfg: DictConfig, source: Any, split: Any) -> Any:
+    """The Classifier of `model.*` and `optimizer.*`, with the training split's pixel statistics as buffers."""
+    from descent.data.datamodule import feature_stats
     from descent.model import Classifier
-
-    batch_size = check_batch_size(cfg.data.batch_size, len(split.train), cfg.model.batch_norm)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    split.save(run_dir / "split.npz")
-    threads = set_threads(cfg.threads, batch_size)
 
     model = Classifier(
         input_shape=list(source.image_shape),
@@ -97,15 +96,36 @@ def fit_and_test(
         **OmegaConf.to_container(cfg.model, resolve=True),
     )
     model.set_standardization(*map(torch.from_numpy, feature_stats(source.images, split.train)))
-    datamodule = ImageDataModule(
-        source, split, batch_size, cfg.data.eval_batch_size, cfg.seed, stream=cfg.data.get("stream")
-    )
+    return model
+
+
+def build_datamodule(cfg: DictConfig, source: Any, split: Any, batch_size: int) -> Any:
+    """The DataModule of `data.*` over `split`, training batches of `batch_size` (already checked)."""
+    from descent.data.datamodule import ImageDataModule
+
+    return ImageDataModule(source, split, batch_size, cfg.data.eval_batch_size, cfg.seed, stream=cfg.data.get("stream"))
+
+
+def build_trainer(
+    cfg: DictConfig,
+    run_dir: Path,
+    history: EpochHistory,
+    stopper: GracefulStop,
+    group: str | None = None,
+    job_type: str = "train",
+    first: tuple[Any, ...] = (),
+) -> Any:
+    """The Trainer of `trainer.*`: the run's own callbacks (`first`, the epoch history, the step losses, the run
+    state, the signal stopper), those of `callbacks.*`, the loggers of `logger.*` and the checkpoint plugins.
+    `scripts/bench.py` builds its Trainer here too, so that it measures what a user's run gets."""
+    from hydra.utils import instantiate
+    from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar
+
+    from descent.loggers import FinishWandbOnError, build_loggers
 
     loggers = build_loggers(cfg, run_dir, group, job_type)
-    history = EpochHistory(run_dir / "metrics.csv")
-    stopper = GracefulStop(run_dir / "checkpoints" / "last.ckpt")
-    callbacks = [history, StepLosses(run_dir / "steps.csv"), FinishWandbOnError(stopper), run_state(cfg), stopper,
-                 *build_callbacks(cfg.callbacks, run_dir, has_logger=bool(loggers))]  # fmt: skip
+    callbacks = [*first, history, StepLosses(run_dir / "steps.csv"), FinishWandbOnError(stopper), run_state(cfg),
+                 stopper, *build_callbacks(cfg.callbacks, run_dir, has_logger=bool(loggers))]  # fmt: skip
     trainer = instantiate(
         cfg.trainer,
         callbacks=callbacks,
@@ -115,6 +135,38 @@ def fit_and_test(
         enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
         enable_progress_bar=any(isinstance(c, ProgressBar) for c in callbacks),
     )
+    write_checkpoints_in_background(trainer)
+    return trainer
+
+
+def write_checkpoints_in_background(trainer: Any) -> None:
+    """Write checkpoints in a thread while training goes on, through whatever checkpoint IO the trainer has (the
+    atomic writer): Lightning's AsyncCheckpointIO copies the tensors first, and waits for the writes when fit ends
+    or is interrupted, so test(), a resume and a signal's last.ckpt read whole files. The writer's fsync no longer
+    stalls the epoch (2 atomic saves: ~15 -> ~8 ms an epoch at batch 32 with a busy disk; no change on a quiet one)."""
+    from pytorch_lightning.plugins.io import AsyncCheckpointIO
+
+    strategy = trainer.strategy
+    if not isinstance(strategy.checkpoint_io, AsyncCheckpointIO):
+        strategy.checkpoint_io = AsyncCheckpointIO(strategy.checkpoint_io)
+
+
+def fit_and_test(
+    cfg: DictConfig, source: Any, split: Any, run_dir: Path, group: str | None = None, job_type: str = "train"
+) -> dict[str, Any]:
+    """Train one model on `split`, test its best epoch, and return the results.json content (status and numbers)."""
+    from descent.loggers import close_loggers
+
+    batch_size = check_batch_size(cfg.data.batch_size, len(split.train), cfg.model.batch_norm)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    split.save(run_dir / "split.npz")
+    threads = set_threads(cfg.threads, batch_size)
+
+    model = build_model(cfg, source, split)
+    datamodule = build_datamodule(cfg, source, split, batch_size)
+    history = EpochHistory(run_dir / "metrics.csv")
+    stopper = GracefulStop(run_dir / "checkpoints" / "last.ckpt")
+    trainer = build_trainer(cfg, run_dir, history, stopper, group, job_type)
     log.info(
         "data=%s n_train=%d n_val=%d n_test=%d batch_size=%d threads=%d",
         source.name, len(split.train), len(split.val), len(split.test), batch_size, threads,
@@ -170,7 +222,7 @@ def fit_and_test(
         from descent.plots import confusion_matrix
 
         confusion_png = confusion_matrix(model.confusion.numpy(), run_dir / "confusion_matrix.png")
-    close_loggers(loggers, results, confusion_png)
+    close_loggers(trainer.loggers, results, confusion_png)
     return results
 
 
@@ -235,4 +287,5 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 @exit_on_interrupt
 def main(cfg: DictConfig) -> float | None:
     """`python train.py [OVERRIDES]`: one run; returns the best val/acc (what a sweeper maximizes)."""
+    freeze_heap()
     return run(cfg)["metrics"].get("val/acc")

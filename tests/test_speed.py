@@ -1,0 +1,141 @@
+"""What the speed work changed must not change what a run means: same metrics, same checkpoints, same callbacks."""
+
+import gc
+import re
+import sys
+import weakref
+
+import pytest
+import torch
+from conftest import ENV, ROOT, compose_train
+from hydra.utils import instantiate
+from pytorch_lightning.callbacks import ProgressBar
+from pytorch_lightning.plugins.io import AsyncCheckpointIO
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+
+import descent.model
+from descent.model import Classifier
+from descent.reliability import AtomicCheckpointIO, GracefulStop
+from descent.results import EpochHistory
+from descent.train import (
+    available_cores,
+    build_trainer,
+    freeze_heap,
+    set_threads,
+    write_checkpoints_in_background,
+)
+
+
+def classifier() -> Classifier:
+    return Classifier([2, 2], 3, [8], batch_norm=False, dropout=0.0, activation="relu", optimizer={})
+
+
+@pytest.mark.parametrize("flush_steps", [1, 3, 256])
+def test_metrics_fed_in_batches_equal_metrics_updated_every_step(monkeypatch, flush_steps):
+    monkeypatch.setattr(descent.model, "METRIC_FLUSH_STEPS", flush_steps)
+    torch.manual_seed(0)
+    model = classifier().eval()
+    loss, acc, f1 = (
+        MeanMetric(nan_strategy="ignore"),
+        MulticlassAccuracy(3, average="micro"),
+        MulticlassF1Score(3, average="macro"),
+    )
+    with torch.no_grad():
+        for size in (5, 7, 1, 3, 8, 2, 6):  # uneven batches: the epoch loss is a mean over samples, not batches
+            images, labels = torch.randn(size, 2, 2), torch.randint(0, 3, (size,))
+            step_loss = model._step((images, labels), "val")
+            predictions = model(images).argmax(1)
+            loss.update(step_loss, size)
+            acc.update(predictions, labels)
+            f1.update(predictions, labels)
+        values = model._compute("val")
+    assert values["val/loss"] == pytest.approx(loss.compute().item(), rel=1e-6)
+    assert values["val/acc"] == pytest.approx(acc.compute().item())
+    assert values["val/f1"] == pytest.approx(f1.compute().item())
+
+
+def test_a_mid_epoch_checkpoint_holds_the_steps_torchmetrics_has_not_seen_yet():
+    torch.manual_seed(0)
+    model, resumed = classifier().eval(), classifier().eval()
+    batches = [(torch.randn(6, 2, 2), torch.randint(0, 3, (6,))) for _ in range(3)]
+    with torch.no_grad():
+        for batch in batches:
+            model._step(batch, "train")
+        resumed.load_state_dict(model.state_dict())
+        # without the pending steps the resumed sums would be empty: a NaN loss (0/0) and no accuracy
+        got, want = resumed._compute("train"), model._compute("train")
+        assert {k: float(v) for k, v in got.items()} == pytest.approx({k: float(v) for k, v in want.items()})
+
+
+def test_a_nan_loss_still_shows_in_the_epoch_loss():
+    model = classifier().eval()
+    with torch.no_grad():
+        model._step((torch.randn(4, 2, 2), torch.zeros(4, dtype=torch.long)), "train")
+        model._step((torch.full((4, 2, 2), float("nan")), torch.zeros(4, dtype=torch.long)), "train")
+    assert torch.isnan(model._compute("train")["train/loss"])
+
+
+def test_checkpoints_are_written_in_the_background_by_the_atomic_writer(tmp_path):
+    trainer = build_trainer(compose_train(), tmp_path, EpochHistory(tmp_path / "m.csv"), GracefulStop(tmp_path / "l"))
+    write_checkpoints_in_background(trainer)  # never wrapped twice
+    io = trainer.strategy.checkpoint_io
+    assert isinstance(io, AsyncCheckpointIO) and type(io.checkpoint_io) is AtomicCheckpointIO
+
+
+def test_a_users_trainer_keeps_its_progress_bar(tmp_path):
+    trainer = build_trainer(compose_train(), tmp_path, EpochHistory(tmp_path / "m.csv"), GracefulStop(tmp_path / "l"))
+    bars = [callback for callback in trainer.callbacks if isinstance(callback, ProgressBar)]
+    assert len(bars) == 1 and bars[0].is_enabled and bars[0].refresh_rate > 0
+
+
+class Node:
+    def __init__(self, next_node: "Node | None" = None) -> None:
+        self.next = next_node
+
+
+def test_a_later_job_collects_what_the_previous_one_left_before_freezing():
+    try:
+        freeze_heap()
+        assert gc.get_freeze_count() > 0
+        cycle = Node()
+        cycle.next = Node(cycle)  # garbage only a collection can free
+        alive = weakref.ref(cycle.next)
+        del cycle
+        freeze_heap()  # the next job of a sweep
+        assert alive() is None
+    finally:
+        gc.unfreeze()
+
+
+def test_threads_auto_is_one_for_mini_batches_and_every_core_above_256_and_an_int_overrides_it():
+    before = torch.get_num_threads()
+    try:
+        assert set_threads("auto", 32) == 1 == torch.get_num_threads()
+        assert set_threads("auto", 256) == 1
+        assert set_threads("auto", 1077) == available_cores() == torch.get_num_threads()
+        assert set_threads(3, 32) == 3 == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_adam_configs_use_the_fused_kernel(name):
+    optimizer = instantiate(compose_train(f"optimizer={name}").optimizer)([torch.nn.Parameter(torch.zeros(2))])
+    assert optimizer.defaults["fused"] is True
+
+
+@pytest.mark.slow
+def test_bench_prints_the_table_and_ends_with_the_ratio_line():
+    import subprocess
+
+    process = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench.py"), "--epochs", "1", "--repeats", "1", "--warmup", "0",
+         "--startup-runs", "0"],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert process.returncode == 0, process.stderr
+    lines = process.stdout.strip().splitlines()
+    assert re.fullmatch(r"overhead ratio at batch size 32: \d+\.\d\d", lines[-1])
+    for size in ("1", "32", "256", "full"):
+        assert any(re.match(rf" +{size} +\d+ +\d+\.\d+ +\d+\.\d+ ", line) for line in lines), process.stdout
