@@ -3,8 +3,10 @@ fixed cost of a job (all but its epochs).
 
 Each sweep is a real `python train.py -m ...` in a subprocess, timed from start to exit, so the joblib figure pays
 for its worker processes' start and imports as a user would. The fixed cost of a job comes from the basic sweep's
-own results: a job's duration_s less its training seconds (the last time_s of metrics.csv). Timings on a shared
-machine are noisy: compare them on a quiet one.
+own results: a job's duration_s less its training seconds (the last time_s of metrics.csv). joblib pays a fixed
+price the basic launcher does not (its workers start, import torch and Lightning, and shut down: several seconds),
+so its jobs here are long enough (400 epochs, ~20 s on a quiet 2-core machine) for the parallel part to dominate,
+as in a real sweep. Timings on a shared machine are noisy: compare them on a quiet one.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ def job_costs(sweep_dir: Path) -> list[tuple[float, float]]:
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="bench.py --sweep", description=__doc__)
-    parser.add_argument("--epochs", type=int, default=10, help="epochs a job (default 10)")
+    parser.add_argument("--epochs", type=int, default=400, help="epochs a job (default 400)")
     args = parser.parse_args(argv)
 
     from rich.console import Console
