@@ -87,6 +87,7 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg, "seed", lambda v: _is_int(v) and 0 <= v <= MAX_SEED, f"expected an int in [0, {MAX_SEED}]")
     _check(cfg, "ckpt_path", lambda v: v is None or isinstance(v, str), "expected null or a checkpoint's path")
     _check(cfg, "threads", lambda v: v == "auto" or _positive_int(v), "expected 'auto' or a positive int")
+    _check(cfg, "skip_done", lambda v: isinstance(v, bool), "expected true or false")
     _check(cfg, "cv.folds", lambda v: _is_int(v) and (v == 0 or v >= 2), "expected 0 (off) or an int >= 2")
     _check(
         cfg,
@@ -223,6 +224,39 @@ def check_batch_size(batch_size: int | str, n_train: int, batch_norm: bool) -> i
             "for stochastic gradient descent",
         )
     return size
+
+
+def check_distributed(trainer: Any, trainer_cfg: DictConfig, in_sweep: bool) -> None:
+    """Refuse the multi-process set-ups that Lightning would run wrongly here, naming what to use instead.
+
+    Lightning's `ddp` re-launches this script once a device: under Hydra's -m that re-runs the whole sweep (a second
+    sweep folder; with Optuna the ranks train different hyperparameters), and under submitit it re-runs submitit's
+    own script (Lightning issue 11300). Spawned processes (`ddp_spawn`) keep the run's epochs to themselves.
+    On SLURM (hydra/launcher=submitit_slurm with one task a device) the tasks are the ranks: nothing re-launches.
+    """
+    from pytorch_lightning.accelerators import CPUAccelerator
+    from pytorch_lightning.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
+
+    strategy = trainer_cfg.get("strategy", "auto")
+    launcher = trainer.strategy.launcher
+    if isinstance(launcher, _MultiProcessingLauncher):
+        raise ConfigError(
+            "trainer.strategy", strategy, "expected ddp (trainer=ddp): spawned processes keep the epochs, steps and "
+            "divergence of the run to themselves, so results.json would miss them",
+        )  # fmt: skip
+    if in_sweep and isinstance(launcher, _SubprocessScriptLauncher):
+        raise ConfigError(
+            "trainer.strategy", strategy, f"expected one device a job inside a sweep (-m), not "
+            f"{trainer.num_devices}: Lightning's ddp re-launches the script, which re-runs the whole sweep (Lightning "
+            "issue 11300). Use one run per command (python train.py trainer=ddp ...), single-device jobs (one GPU "
+            "each with hydra/launcher=joblib), or hydra/launcher=submitit_slurm with hydra.launcher.tasks_per_node "
+            "equal to trainer.devices",
+        )  # fmt: skip
+    if trainer_cfg.get("sync_batchnorm") and isinstance(trainer.accelerator, CPUAccelerator):
+        raise ConfigError(
+            "trainer.sync_batchnorm", True, "expected false on CPU: torch's SyncBatchNorm runs on GPUs only "
+            "(use trainer.accelerator=gpu, or sync_batchnorm=false: each device normalizes its own batch)",
+        )  # fmt: skip
 
 
 def exit_on_config_error(run: Callable[[Any], Any]) -> Callable[[Any], Any]:

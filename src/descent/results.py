@@ -61,7 +61,8 @@ class EpochHistory(pl.Callback):
             "lr": self._lr,
         }
         self.rows.append(row)
-        self.write()
+        if trainer.is_global_zero:  # DDP: the other ranks hold the same synced rows
+            self.write()
 
     def write(self) -> None:
         with open(self.path, "w", newline="") as file:
@@ -97,7 +98,7 @@ class StepLosses(pl.Callback):
         self._steps: list[int] = []
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.ckpt_path is None or not self.path.is_file():  # a resumed run appends to its own file
+        if trainer.is_global_zero and (trainer.ckpt_path is None or not self.path.is_file()):  # a resume appends
             self.path.write_text("epoch,step,loss\n")
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
@@ -114,6 +115,9 @@ class StepLosses(pl.Callback):
         self._write(trainer)  # an interrupted epoch keeps its steps so far; a resume appends the rest
 
     def _write(self, trainer: pl.Trainer) -> None:
+        if not trainer.is_global_zero:  # DDP: steps.csv holds the losses of rank 0's batches
+            self._losses, self._steps = [], []
+            return
         losses = torch.stack(self._losses).tolist() if self._losses else []
         with open(self.path, "a") as file:
             file.writelines(

@@ -7,20 +7,24 @@ A bad value ends the run with one message naming the key, and status `failed` in
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
+import math
 import os
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from descent.config import ConfigError, check_batch_size, exit_on_config_error, validate
+from descent.config import ConfigError, check_batch_size, check_distributed, exit_on_config_error, validate
 from descent.reliability import (
     GracefulStop,
     Interrupted,
@@ -32,16 +36,19 @@ from descent.reliability import (
     task_overrides,
 )
 from descent.results import EpochHistory, StepLosses, peak_gpu_mb, peak_rss_mb, write_results
+from descent.sweep import claim_gpu, finished_results, objective, write_summary
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 log = logging.getLogger("descent")
 
 
 def quiet_lightning() -> None:
-    """Drop two lines that say nothing about the run: Lightning's advert for its cloud service, and a deprecation
-    warning raised inside Lightning by this torch version."""
+    """Drop lines that say nothing about the run: Lightning's advert for its cloud service, a deprecation warning
+    raised inside Lightning by this torch version, and, under DDP, its advice to sync metrics that torchmetrics
+    has already synced across devices."""
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     warnings.filterwarnings("ignore", message=r".*`training_step` returned `None`")  # a diverged step, on purpose
+    warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\(.*sync_dist=True\)")
     lightning_log = logging.getLogger("pytorch_lightning.utilities.rank_zero")
     lightning_log.addFilter(lambda record: "Tip:" not in record.getMessage())
 
@@ -56,7 +63,11 @@ def freeze_heap() -> None:
 
 
 def available_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """The cores this process may use: its CPU affinity, capped by OMP_NUM_THREADS when set (joblib's workers get
+    cores // jobs there, so that parallel jobs split the cores instead of fighting over them)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cap = os.environ.get("OMP_NUM_THREADS", "")
+    return min(cores, int(cap)) if cap.isdigit() and int(cap) > 0 else cores
 
 
 def set_threads(threads: int | str, batch_size: int) -> int:
@@ -135,6 +146,7 @@ def build_trainer(
         enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
         enable_progress_bar=any(isinstance(c, ProgressBar) for c in callbacks),
     )
+    check_distributed(trainer, cfg.trainer, in_sweep=in_sweep())
     write_checkpoints_in_background(trainer)
     return trainer
 
@@ -159,7 +171,8 @@ def fit_and_test(
 
     batch_size = check_batch_size(cfg.data.batch_size, len(split.train), cfg.model.batch_norm)
     run_dir.mkdir(parents=True, exist_ok=True)
-    split.save(run_dir / "split.npz")
+    if is_rank_zero():
+        split.save(run_dir / "split.npz")
     threads = set_threads(cfg.threads, batch_size)
 
     model = build_model(cfg, source, split)
@@ -176,10 +189,8 @@ def fit_and_test(
         lambda: trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True), stopper
     )
 
-    rows, best = (
-        list(history.rows),
-        history.best(),
-    )  # before test(), which reloads callback states from best.ckpt
+    # read before test(), which reloads callback states from best.ckpt
+    rows, best = list(history.rows), history.best()
     checkpoint = trainer.checkpoint_callback
     best_path = checkpoint.best_model_path if checkpoint is not None else ""
     if not best_path:
@@ -272,7 +283,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         results["peak_rss_mb"] = peak_rss_mb()
         if (gpu_mb := peak_gpu_mb()) is not None:
             results["peak_gpu_mb"] = gpu_mb
-        write_results(run_dir / "results.json", results)
+        if is_rank_zero():
+            write_results(run_dir / "results.json", results)
     metrics = results["metrics"]
     log.info(
         "%s: test/acc=%.4f val/acc=%.4f (best epoch %s of %d, %d steps) -> %s",
@@ -282,10 +294,66 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return results
 
 
+def is_rank_zero() -> bool:
+    """False in the other processes of a DDP run, which must not write the run's files a second time."""
+    from pytorch_lightning.utilities import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
+def in_sweep() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def sweep_job(cfg: DictConfig) -> float:
+    """One job of a sweep (-m). It never raises an error, so that the sweep goes on: a failed job is recorded as
+    `failed` in its results.json, returns NaN (a failed trial for Optuna), and makes the sweep's exit code non-zero
+    when it ends (descent.sweep.SweepSummary). A job whose folder already holds its finished results (a sweep re-run
+    into the same hydra.sweep.dir) is skipped unless skip_done=false. Ctrl-C stops the whole sweep."""
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    done = finished_results(run_dir, task_overrides()) if cfg.get("skip_done") is True else None
+    if done is not None:
+        log.info("skipped: %s says %s already (skip_done=false runs it again)", run_dir / "results.json",
+                 done["status"])  # fmt: skip
+        return objective(done)
+    try:
+        with one_gpu_per_job(cfg, Path(hydra_cfg.sweep.dir)):
+            return objective(run(cfg))
+    except ConfigError as error:
+        log.error("%s", error)
+    except Exception:
+        log.exception("the job failed (recorded in %s); the sweep goes on", run_dir / "results.json")
+    except BaseException:  # Ctrl-C or a signal: the whole sweep stops here
+        write_summary(Path(hydra_cfg.sweep.dir))
+        log.warning("sweep stopped: its summary so far is in %s; the same command with hydra.sweep.dir=%s "
+                    "finishes it (finished jobs are skipped)", hydra_cfg.sweep.dir, hydra_cfg.sweep.dir)  # fmt: skip
+        raise
+    return math.nan
+
+
+@contextlib.contextmanager
+def one_gpu_per_job(cfg: DictConfig, sweep_dir: Path) -> Iterator[None]:
+    """Parallel single-GPU jobs (hydra/launcher=joblib) on a machine with several GPUs each take a GPU of their own
+    (trainer.devices=[i]) for as long as they run; anywhere else, nothing changes."""
+    gpus = torch.cuda.device_count()
+    parallel = "joblib" in str(HydraConfig.get().launcher.get("_target_", ""))
+    if not (parallel and gpus > 1 and cfg.trainer.get("devices") == 1 and cfg.trainer.get("accelerator") != "cpu"):
+        yield
+        return
+    with claim_gpu(sweep_dir / ".gpus", gpus) as index, open_dict(cfg):
+        cfg.trainer.devices = [index]
+        log.info("this job runs on GPU %d of %d", index, gpus)
+        yield
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 @exit_on_config_error
 @exit_on_interrupt
 def main(cfg: DictConfig) -> float | None:
-    """`python train.py [OVERRIDES]`: one run; returns the best val/acc (what a sweeper maximizes)."""
+    """`python train.py [OVERRIDES]`: one run; returns the best val/acc (what a sweeper maximizes).
+    Inside a sweep (-m), each job runs through `sweep_job`."""
     freeze_heap()
+    if in_sweep():
+        return sweep_job(cfg)
     return run(cfg)["metrics"].get("val/acc")

@@ -20,6 +20,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
+from descent.config import ConfigError
 from descent.data.sources import Source
 from descent.data.splits import Split
 
@@ -45,11 +46,23 @@ class TensorBatches:
     """
 
     def __init__(
-        self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool, seed: int = 0
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        shuffle: bool,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         self.images, self.labels = images, labels
-        self.bounds = batch_bounds(len(labels), batch_size)
         self.shuffle, self.seed, self.epoch = shuffle, seed, 0
+        self.rank, self.world_size = rank, world_size
+        # DDP: this rank's share of every epoch, `rank::world_size`. Training ranks must make the same number of
+        # steps, so they take len // world_size samples each (the few left over differ each epoch); val and test
+        # shards cover every sample once, so synced metrics equal a single device's.
+        share = len(labels) // world_size if shuffle else len(range(rank, len(labels), world_size))
+        self.bounds = batch_bounds(share, batch_size)
         self.sampler, self.batch_sampler = self, None  # the attributes Lightning looks for on a loader
         self.served = 0  # batches yielded in this epoch
         self._resume: tuple[int, int] | None = None  # (epoch, batches already trained) from a mid-epoch checkpoint
@@ -73,6 +86,8 @@ class TensorBatches:
             generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
             order = torch.randperm(len(labels), generator=generator).to(labels.device)
             images, labels = images[order], labels[order]
+        if self.world_size > 1:
+            images, labels = images[self.rank :: self.world_size], labels[self.rank :: self.world_size]
         skip = self._resume[1] if self._resume is not None and self._resume[0] == self.epoch else 0
         self._resume, self.served = None, skip
         for start, end in self.bounds[skip:]:
@@ -229,8 +244,15 @@ class ImageDataModule(pl.LightningDataModule):
             self.tensors[part] = (images.to(device), labels.to(device))
 
     def _batches(self, part: str, batch_size: int, shuffle: bool) -> TensorBatches | StreamingBatches:
+        trainer = self.trainer
+        rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         if not self.streaming:
-            return TensorBatches(*self.tensors[part], batch_size, shuffle=shuffle, seed=self.seed)
+            return TensorBatches(*self.tensors[part], batch_size, shuffle, self.seed, rank=rank, world_size=world_size)
+        if world_size > 1:
+            raise ConfigError(
+                "trainer.devices", trainer.num_devices, "expected 1 with streamed data: streamed batches are not "
+                "split between DDP processes (use one device, or a data.stream.in_memory_mb the data fits in)",
+            )  # fmt: skip
         return StreamingBatches(
             self.source.images, self.source.labels, batch_size, shuffle, self.seed, indices=getattr(self.split, part),
             block_size=self.stream["block_size"], prefetch=self.stream["prefetch"],
