@@ -8,7 +8,8 @@ import argparse
 import importlib
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # -h goes on to the chosen benchmark, whose own options it lists
+    parser = argparse.ArgumentParser(add_help=False)
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--scale", action="store_true", help="out-of-core throughput and memory (data=synthetic)")
     mode.add_argument("--sweep", action="store_true", help="joblib vs basic launcher on a 4-job sweep")
