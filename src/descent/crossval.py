@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import math
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
-from descent.results import peak_rss_mb, read_results, write_results
+from descent.results import read_results, recorded, write_results
 
 log = logging.getLogger("descent")
 # the columns of the table, in this order when present; any other metric follows
@@ -41,16 +40,8 @@ def cross_validate(
         fold_dir = run_dir / f"fold_{fold}"
         log.info("fold %d of %d -> %s", fold, len(splits), fold_dir)
         pl.seed_everything(cfg.seed, workers=True, verbose=False)  # fold i alone (cv.fold=i) = fold i of the loop
-        started = time.perf_counter()
-        results: dict[str, Any] = {"status": "failed", "error": None, "fold": fold}
-        try:
+        with recorded(fold_dir / "results.json", {"status": "failed", "error": None, "fold": fold}) as results:
             results |= fit(cfg, source, splits[fold], fold_dir, group=run_dir.name, job_type="fold")
-        except Exception as error:
-            results["error"] = f"{type(error).__name__}: {error}"
-            raise
-        finally:
-            results |= {"duration_s": round(time.perf_counter() - started, 3), "peak_rss_mb": peak_rss_mb()}
-            write_results(fold_dir / "results.json", results)
         folds.append({**results, "dir": fold_dir.name})
     summary = summarize(folds)
     if len(folds) == len(splits):

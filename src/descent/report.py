@@ -15,7 +15,6 @@ from typing import Any
 import pandas as pd
 
 RANK_METRIC = "val/acc"  # the sweep's winner is chosen on validation, as the best epoch is; test is only reported
-TABLE_METRICS = ("val/acc", "val/loss", "test/acc", "test/loss", "train/acc", "train/loss")
 TABLE_NUMBERS = ("best_epoch", "epochs", "steps", "duration_s", "peak_rss_mb", "peak_gpu_mb")
 CURVE_AXES = (("epoch", "epoch"), ("step", "optimizer steps"), ("time_s", "wall-clock seconds"))
 
@@ -147,15 +146,20 @@ def report_cv(cv_dir: Path) -> Path:
 
 
 def _jobs(sweep_dir: Path) -> list[tuple[Path, dict[str, Any]]]:
-    folders = [path for path in sweep_dir.iterdir() if path.is_dir() and (path / "results.json").is_file()]
-    folders.sort(key=lambda path: (not path.name.isdigit(), int(path.name) if path.name.isdigit() else path.name))
-    return [(path, _read_json(path / "results.json")) for path in folders]
+    from descent.sweep import job_folders
+
+    return [
+        (path, _read_json(path / "results.json"))
+        for path in job_folders(sweep_dir)
+        if (path / "results.json").is_file()
+    ]
 
 
 def report_sweep(sweep_dir: Path) -> Path:
     """The summary table (one row per job, best first), the winner and its margin, the best val/acc against each
     swept key, and validation curves of every job coloured by each swept value against epochs, steps and seconds."""
     from descent import plots
+    from descent.sweep import summarize, summary_markdown
 
     jobs = _jobs(sweep_dir)
     settings = {path.name: _parse_overrides(_overrides(path, results)) for path, results in jobs}
@@ -167,18 +171,6 @@ def report_sweep(sweep_dir: Path) -> Path:
         return value if isinstance(value, (int, float)) and math.isfinite(value) else -math.inf
 
     ranked = sorted(jobs, key=lambda job: score(job[1]), reverse=True)
-    metric_columns = [m for m in TABLE_METRICS if any(m in _metrics_of(r) for _, r in jobs)]
-    number_columns = [n for n in TABLE_NUMBERS if any(n in r for _, r in jobs)]
-    rows = [
-        [
-            path.name,
-            *(settings[path.name].get(k) for k in swept),
-            results.get("status"),
-            *(_metrics_of(results).get(m) for m in metric_columns),
-            *(results.get(n) for n in number_columns),
-        ]
-        for path, results in ranked
-    ]
     lines = [
         f"# Sweep `{sweep_dir.name}`: {len(jobs)} jobs",
         "",
@@ -186,7 +178,7 @@ def report_sweep(sweep_dir: Path) -> Path:
         "",
         "## Summary (best val/acc first)",
         "",
-        markdown_table(["job", *swept, "status", *metric_columns, *number_columns], rows),
+        *summary_markdown(*summarize(sweep_dir)),  # the table of summary.md
     ]
     curves = [(path.name, c) for path, _ in jobs if (c := _curves(path))]
     for key in swept:

@@ -3,11 +3,13 @@ results.json (the best epoch's numbers)."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
 import resource
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +138,42 @@ def peak_gpu_mb() -> float | None:
     if not torch.cuda.is_available() or not torch.cuda.is_initialized():
         return None
     return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+
+
+def is_rank_zero() -> bool:
+    """False in the other processes of a DDP run, which must not write the run's files a second time."""
+    from pytorch_lightning.utilities import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
+@contextlib.contextmanager
+def recorded(path: Path, results: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Write `results` to the results.json at `path` whatever happens inside: what the run adds (status ok or
+    diverged), or `failed`/`interrupted` with the error; then the duration and peak memory. Rank 0 writes it."""
+    from descent.config import ConfigError
+    from descent.reliability import Interrupted
+
+    started = time.perf_counter()
+    try:
+        yield results
+    except Interrupted as stop:  # SIGTERM/SIGINT: last.ckpt is written; the process exits with 128 + the signal
+        results |= {"status": "interrupted", "error": str(stop)}
+        raise
+    except ConfigError as error:
+        results["error"] = str(error)
+        raise
+    except Exception as error:
+        results["error"] = f"{type(error).__name__}: {error}"
+        raise
+    finally:
+        results["duration_s"] = round(time.perf_counter() - started, 3)
+        results["peak_rss_mb"] = peak_rss_mb()
+        if (gpu_mb := peak_gpu_mb()) is not None:
+            results["peak_gpu_mb"] = gpu_mb
+        if is_rank_zero():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_results(path, results)
 
 
 def _finite(value: Any) -> Any:

@@ -67,6 +67,7 @@ def job_row(folder: Path) -> dict[str, Any]:
         "status": results.get("status", "missing"),
         **{key: metrics.get(key) for key in METRICS},
         **{key: results.get(key) for key in NUMBERS},
+        "peak_gpu_mb": results.get("peak_gpu_mb"),  # on a GPU only
         "error": results.get("error"),
     }
 
@@ -88,6 +89,8 @@ def summarize(sweep_dir: Path) -> tuple[list[str], list[dict[str, Any]]]:
     rows = sorted((job_row(folder) for folder in job_folders(sweep_dir)), key=_sort_key)
     keys = swept_keys(rows)
     columns = ["job", *keys, "status", *METRICS, *NUMBERS]
+    if any(row["peak_gpu_mb"] is not None for row in rows):
+        columns.append("peak_gpu_mb")
     if any(row["error"] for row in rows):
         columns.append("error")
     return columns, [{**row["overrides"], **row} for row in rows]
@@ -111,15 +114,19 @@ def write_summary(sweep_dir: Path) -> tuple[list[str], list[dict[str, Any]]]:
         writer = csv.DictWriter(file, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    fixed = sorted({f"{key}={value}" for row in rows for key, value in row["overrides"].items() if key not in columns})
-    # Markdown written by hand: pandas' to_markdown needs `tabulate`, a dependency for six lines
-    lines = [f"# Sweep {sweep_dir.name}: {len(rows)} jobs, best val/acc first", ""]
-    if fixed:
-        lines += [f"Every job: `{' '.join(fixed)}`", ""]
-    lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_show(row.get(column), column) for column in columns) + " |" for row in rows]
+    lines = [f"# Sweep {sweep_dir.name}: {len(rows)} jobs, best val/acc first", "", *summary_markdown(columns, rows)]
     (sweep_dir / "summary.md").write_text("\n".join(lines) + "\n")
     return columns, rows
+
+
+def summary_markdown(columns: list[str], rows: list[dict[str, Any]]) -> list[str]:
+    """The summary as Markdown lines: the overrides every job shares, then one table row per job. By hand: pandas'
+    to_markdown needs `tabulate`, a dependency for six lines."""
+    fixed = sorted({f"{key}={value}" for row in rows for key, value in row["overrides"].items() if key not in columns})
+    lines = [f"Every job: `{' '.join(fixed)}`", ""] if fixed else []
+    lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_show(row.get(column), column) for column in columns) + " |" for row in rows]
+    return lines
 
 
 def print_summary(sweep_dir: Path, columns: list[str], rows: list[dict[str, Any]]) -> None:

@@ -12,7 +12,6 @@ import gc
 import logging
 import math
 import os
-import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,7 +34,7 @@ from descent.reliability import (
     stop_on_signal,
     task_overrides,
 )
-from descent.results import EpochHistory, StepLosses, peak_gpu_mb, peak_rss_mb, write_results
+from descent.results import EpochHistory, StepLosses, is_rank_zero, recorded
 from descent.sweep import claim_gpu, finished_results, objective, write_summary
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
@@ -258,33 +257,18 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """One Hydra job: train, then write results.json whatever happened (ok, diverged or failed)."""
+    """One Hydra job: train, then write results.json whatever happened (ok, diverged, failed or interrupted)."""
     quiet_lightning()
-    hydra_cfg = HydraConfig.get()
-    run_dir = Path(hydra_cfg.runtime.output_dir)
-    started = time.perf_counter()
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
     results: dict[str, Any] = {"status": "failed", "error": None, "overrides": task_overrides()}
-    try:
-        cfg, results["overrides"] = resumed_config(cfg, results["overrides"], run_dir)
-        results |= train(cfg, run_dir)
-    except Interrupted as stop:  # SIGTERM/SIGINT: last.ckpt is written; main exits with 128 + the signal
-        results |= {"status": "interrupted", "error": str(stop)}
-        log.warning("interrupted: %s; resume with: python train.py ckpt_path=%s hydra.run.dir=%s",
-                    stop, stop.last_checkpoint, run_dir)  # fmt: skip
-        raise
-    except ConfigError as error:
-        results["error"] = str(error)
-        raise
-    except Exception as error:
-        results["error"] = f"{type(error).__name__}: {error}"
-        raise
-    finally:
-        results["duration_s"] = round(time.perf_counter() - started, 3)
-        results["peak_rss_mb"] = peak_rss_mb()
-        if (gpu_mb := peak_gpu_mb()) is not None:
-            results["peak_gpu_mb"] = gpu_mb
-        if is_rank_zero():
-            write_results(run_dir / "results.json", results)
+    with recorded(run_dir / "results.json", results):
+        try:
+            cfg, results["overrides"] = resumed_config(cfg, results["overrides"], run_dir)
+            results |= train(cfg, run_dir)
+        except Interrupted as stop:
+            log.warning("interrupted: %s; resume with: python train.py ckpt_path=%s hydra.run.dir=%s",
+                        stop, stop.last_checkpoint, run_dir)  # fmt: skip
+            raise
     metrics = results["metrics"]
     log.info(
         "%s: test/acc=%.4f val/acc=%.4f (best epoch %s of %d, %d steps) -> %s",
@@ -292,13 +276,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         results["best_epoch"], results["epochs"], results["steps"], run_dir / "results.json",
     )  # fmt: skip
     return results
-
-
-def is_rank_zero() -> bool:
-    """False in the other processes of a DDP run, which must not write the run's files a second time."""
-    from pytorch_lightning.utilities import rank_zero_only
-
-    return getattr(rank_zero_only, "rank", 0) == 0
 
 
 def in_sweep() -> bool:

@@ -37,12 +37,28 @@ def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
     return bounds
 
 
-class TensorBatches:
+class EpochLoader:
+    """What Lightning needs of a loader that is not a DataLoader: a length, and `sampler.set_epoch(epoch)`, which
+    its fit loop calls on every loader before an epoch; the loader is its own sampler, so the epoch reaches the
+    shuffle."""
+
+    def __init__(self, bounds: list[tuple[int, int]], shuffle: bool, seed: int) -> None:
+        self.bounds = bounds
+        self.shuffle, self.seed, self.epoch = shuffle, seed, 0
+        self.sampler, self.batch_sampler = self, None  # the attributes Lightning looks for on a loader
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.bounds)
+
+
+class TensorBatches(EpochLoader):
     """Batches of in-memory tensors, reshuffled each epoch from (seed, epoch).
 
-    Lightning's fit loop calls `sampler.set_epoch(epoch)` on every loader before an epoch; this object is its own
-    sampler so that the epoch number reaches the shuffle. Its state (epoch, batches served) travels in checkpoints,
-    so a run resumed from a mid-epoch checkpoint (written on SIGTERM) trains on the batches it had not seen yet.
+    Its state (epoch, batches served) travels in checkpoints, so a run resumed from a mid-epoch checkpoint (written
+    on SIGTERM) trains on the batches it had not seen yet.
     """
 
     def __init__(
@@ -56,22 +72,14 @@ class TensorBatches:
         world_size: int = 1,
     ) -> None:
         self.images, self.labels = images, labels
-        self.shuffle, self.seed, self.epoch = shuffle, seed, 0
         self.rank, self.world_size = rank, world_size
         # DDP: this rank's share of every epoch, `rank::world_size`. Training ranks must make the same number of
         # steps, so they take len // world_size samples each (the few left over differ each epoch); val and test
         # shards cover every sample once, so synced metrics equal a single device's.
         share = len(labels) // world_size if shuffle else len(range(rank, len(labels), world_size))
-        self.bounds = batch_bounds(share, batch_size)
-        self.sampler, self.batch_sampler = self, None  # the attributes Lightning looks for on a loader
+        super().__init__(batch_bounds(share, batch_size), shuffle, seed)
         self.served = 0  # batches yielded in this epoch
         self._resume: tuple[int, int] | None = None  # (epoch, batches already trained) from a mid-epoch checkpoint
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.bounds)
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "served": self.served}
@@ -95,7 +103,7 @@ class TensorBatches:
             yield images[start:end], labels[start:end]
 
 
-class StreamingBatches:
+class StreamingBatches(EpochLoader):
     """Batches read from a memory-mapped array by a background thread, with reads that stay mostly sequential.
 
     The same interface as `TensorBatches`, over `images[indices]` and `labels[indices]` (`indices`: the split's
@@ -119,16 +127,8 @@ class StreamingBatches:
     ) -> None:
         self.images, self.labels = images, labels
         self.indices = np.arange(len(labels)) if indices is None else np.asarray(indices)
-        self.bounds = batch_bounds(len(self.indices), batch_size)
-        self.shuffle, self.seed, self.epoch = shuffle, seed, 0
+        super().__init__(batch_bounds(len(self.indices), batch_size), shuffle, seed)
         self.block_size, self.prefetch = block_size, prefetch
-        self.sampler, self.batch_sampler = self, None  # the attributes Lightning looks for on a loader
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.bounds)
 
     def order(self) -> np.ndarray:
         """The epoch's sample order: blocks shuffled, then samples within each block."""
