@@ -21,7 +21,7 @@ import torch
 from conftest import ENV, FAST, ROOT, results_of, run_script
 
 from descent.data.datamodule import TensorBatches
-from descent.reliability import AtomicCheckpointIO, plugins, rng_states, set_rng_states
+from descent.reliability import AtomicCheckpointIO, BackgroundCheckpointIO, plugins, rng_states, set_rng_states
 
 SMALL = [*FAST, "model.hidden_dims=[16]"]
 SLOW_EPOCHS = [
@@ -181,21 +181,39 @@ def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
     assert torch.equal(drawn[0], expected[0]) and np.array_equal(drawn[1], expected[1]) and drawn[2] == expected[2]
 
 
-def test_a_failed_checkpoint_write_leaves_the_previous_file_whole(tmp_path, monkeypatch):
+@pytest.mark.parametrize("writer", [AtomicCheckpointIO, BackgroundCheckpointIO])
+def test_a_failed_checkpoint_write_leaves_the_previous_file_whole(tmp_path, monkeypatch, writer):
     path = tmp_path / "last.ckpt"
-    io = AtomicCheckpointIO()
+    io = writer()
     io.save_checkpoint({"epoch": 1}, path)
+    io.teardown()
 
-    def cut_short(obj, file):
-        file.write(b"half a checkpoint")
+    def killed(fd):  # the new bytes are in the temporary file; the kill comes before the rename
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(torch, "save", cut_short)
+    monkeypatch.setattr(os, "fsync", killed)
     with pytest.raises(KeyboardInterrupt):
         io.save_checkpoint({"epoch": 2}, path)
+        io.teardown()  # the background writer raises its thread's error here
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"epoch": 1}
     assert os.listdir(tmp_path) == ["last.ckpt"]
+
+
+def test_background_writes_land_in_order_before_a_load(tmp_path):
+    io = BackgroundCheckpointIO()
+    state = {"weights": torch.zeros(1000)}
+    for epoch in range(5):
+        state["weights"].fill_(epoch)  # training changes the tensors in place right after each save
+        io.save_checkpoint({**state, "epoch": epoch}, tmp_path / "last.ckpt")
+        io.save_checkpoint({"epoch": epoch}, tmp_path / f"e{epoch}.ckpt")
+        io.remove_checkpoint(tmp_path / f"e{epoch}.ckpt")
+    loaded = io.load_checkpoint(tmp_path / "last.ckpt", weights_only=True)
+    assert loaded["epoch"] == 4 and torch.equal(loaded["weights"], torch.full((1000,), 4.0))
+    io.save_checkpoint({"epoch": 5}, tmp_path / "last.ckpt")
+    io.teardown()
+    assert sorted(os.listdir(tmp_path)) == ["last.ckpt"]
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True) == {"epoch": 5}
 
 
 def test_a_loader_restored_mid_epoch_serves_the_batches_not_yet_seen():

@@ -10,20 +10,18 @@ import torch
 from conftest import ENV, ROOT, compose_train
 from hydra.utils import instantiate
 from pytorch_lightning.callbacks import ProgressBar
-from pytorch_lightning.plugins.io import AsyncCheckpointIO
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 import descent.model
-from descent.model import Classifier
-from descent.reliability import AtomicCheckpointIO, GracefulStop
+from descent.model import MLP, Classifier
+from descent.reliability import BackgroundCheckpointIO, GracefulStop
 from descent.results import EpochHistory
 from descent.train import (
     available_cores,
     build_trainer,
     freeze_heap,
     set_threads,
-    write_checkpoints_in_background,
 )
 
 
@@ -99,9 +97,7 @@ def test_a_nan_loss_still_shows_in_the_epoch_loss():
 
 def test_checkpoints_are_written_in_the_background_by_the_atomic_writer(tmp_path):
     trainer = build_trainer(compose_train(), tmp_path, EpochHistory(tmp_path / "m.csv"), GracefulStop(tmp_path / "l"))
-    write_checkpoints_in_background(trainer)  # never wrapped twice
-    io = trainer.strategy.checkpoint_io
-    assert isinstance(io, AsyncCheckpointIO) and type(io.checkpoint_io) is AtomicCheckpointIO
+    assert type(trainer.strategy.checkpoint_io) is BackgroundCheckpointIO
 
 
 def test_a_users_trainer_keeps_its_progress_bar(tmp_path):
@@ -129,13 +125,17 @@ def test_a_later_job_collects_what_the_previous_one_left_before_freezing():
         gc.unfreeze()
 
 
-def test_threads_auto_is_one_for_mini_batches_and_every_core_above_256_and_an_int_overrides_it():
+def test_threads_auto_follow_the_work_of_a_step_and_an_int_overrides_them():
+    small = MLP(64, 10, [256, 256], batch_norm=True, dropout=0.0, activation="relu")  # ~84k multiply-adds a sample
+    wide = MLP(784, 10, [1024, 1024], batch_norm=True, dropout=0.0, activation="relu")  # ~1.9M
     before = torch.get_num_threads()
     try:
-        assert set_threads("auto", 32) == 1 == torch.get_num_threads()
-        assert set_threads("auto", 256) == 1
-        assert set_threads("auto", 1077) == available_cores() == torch.get_num_threads()
-        assert set_threads(3, 32) == 3 == torch.get_num_threads()
+        assert set_threads("auto", 32, small) == 1 == torch.get_num_threads()
+        assert set_threads("auto", 64, small) == 1
+        assert set_threads("auto", 256, small) == available_cores() == torch.get_num_threads()
+        assert set_threads("auto", 1077, small) == available_cores()
+        assert set_threads("auto", 32, wide) == available_cores()  # the same batch, 20 times the work
+        assert set_threads(3, 32, small) == 3 == torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
 
@@ -159,4 +159,5 @@ def test_bench_prints_the_table_and_ends_with_the_ratio_line():
     lines = process.stdout.strip().splitlines()
     assert re.fullmatch(r"overhead ratio at batch size 32: \d+\.\d\d", lines[-1])
     for size in ("1", "32", "256", "full"):
-        assert any(re.match(rf" +{size} +\d+ +\d+\.\d+ +\d+\.\d+ ", line) for line in lines), process.stdout
+        row = rf" +{size} +\d+ +\d\.\d+ \(\dt\) +\d\.\d+ +\d\.\d+ \(\dt\) +[\d,]+ +\d+\.\d\d +\d+\.\d\d +<= "
+        assert any(re.match(row, line) for line in lines), process.stdout  # plain, bare Lightning, descent, ratios

@@ -47,6 +47,14 @@ def test_reported_metrics_are_those_of_the_best_val_epoch_not_the_last(train):
     assert checkpoint["epoch"] == results["best_epoch"]
 
 
+def test_last_ckpt_is_the_last_epoch_even_when_the_best_one_is_older(train):
+    # best = the highest val/loss: the first epoch, as the loss falls; Lightning's save_last alone would copy it
+    process, run_dir = train("trainer.max_epochs=3", "callbacks.model_checkpoint.monitor=val/loss")
+    assert process.returncode == 0, process.stderr
+    best, last = (torch.load(run_dir / "checkpoints" / name, weights_only=True) for name in ("best.ckpt", "last.ckpt"))
+    assert best["epoch"] == 0 and last["epoch"] == 2 and last["global_step"] == 3 * 34
+
+
 def test_full_batch_makes_one_step_per_epoch(train):
     process, run_dir = train("data.batch_size=full", "trainer.max_epochs=3")
     assert process.returncode == 0, process.stderr

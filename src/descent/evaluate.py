@@ -52,11 +52,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     run_dir, config_path = find_run(ckpt_path)
     run_cfg = OmegaConf.load(config_path)
     split = Split.load(run_dir / "split.npz")
-    set_threads(cfg.threads, run_cfg.data.eval_batch_size)
-
     checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     model = Classifier(**checkpoint["hyper_parameters"])
     model.load_state_dict(checkpoint["state_dict"])
+    set_threads(cfg.threads, run_cfg.data.eval_batch_size, model)
     source = build_source(run_cfg.data)
     datamodule = ImageDataModule(
         source, split, 1, run_cfg.data.eval_batch_size, run_cfg.seed, stream=run_cfg.data.get("stream")

@@ -7,6 +7,7 @@ It only saves and restores state and writes files; it must never change what a r
 from __future__ import annotations
 
 import functools
+import io
 import json
 import os
 import random
@@ -14,6 +15,7 @@ import signal
 import sys
 import tempfile
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -84,26 +86,91 @@ class RunState(pl.Callback):
         self.config, self.overrides = state_dict["config"], list(state_dict["overrides"])
 
 
+def write_atomically(path: Path, data: bytes | memoryview) -> None:
+    """Write `data` to a temporary file in `path`'s folder, sync it, then rename it over `path`: a kill at any moment
+    leaves either the previous file or the new one, whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def serialized(checkpoint: dict[str, Any]) -> memoryview:
+    """The checkpoint as torch.save writes it, in memory: a snapshot that training can no longer change."""
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    return buffer.getbuffer()
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes a checkpoint to a temporary file in its own folder, syncs it, then renames it over the old one, so that
-    a kill at any moment leaves either the previous checkpoint or the new one, whole.
+    """Saves each checkpoint with `write_atomically`.
 
     Written by hand because Lightning's own save stages the file in the system's temp folder and moves it: across
     file systems (a tmpfs /tmp, logs on disk) the move is a copy into the target, which a kill can cut short."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        write_atomically(Path(path), serialized(checkpoint))
+
+
+class BackgroundCheckpointIO(AtomicCheckpointIO):
+    """Serializes a checkpoint at once, then leaves its atomic write (and its fsync) to one thread, in order with the
+    removals; a load, and the end of fit or test, wait for the writes queued before them. A write's error is raised
+    at the next save, load or teardown.
+
+    Written by hand because Lightning's AsyncCheckpointIO first copies the checkpoint with apply_to_collection, which
+    walks all of it in Python, then pickles it in its thread while training wants the GIL: ~4 ms a save here
+    against ~2 ms this way, where the thread only writes bytes (which releases the GIL)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._executor: ThreadPoolExecutor | None = None
+        self._error: BaseException | None = None
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        self._submit(write_atomically, Path(path), serialized(checkpoint))
+
+    def remove_checkpoint(self, path: Any) -> None:
+        self._submit(super().remove_checkpoint, path)
+
+    def load_checkpoint(self, path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        self.wait()
+        return super().load_checkpoint(path, *args, **kwargs)
+
+    def wait(self) -> None:
+        """Return once every write queued so far is on disk; raise the error of one that failed."""
+        if self._executor is not None:
+            self._executor.submit(lambda: None).result()
+        self._raise_error()
+
+    def teardown(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        self._raise_error()
+
+    def _submit(self, task: Callable[..., None], *args: Any) -> None:
+        self._raise_error()
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
+        self._executor.submit(self._run, task, *args)
+
+    def _run(self, task: Callable[..., None], *args: Any) -> None:
         try:
-            with os.fdopen(handle, "wb") as file:
-                torch.save(checkpoint, file)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+            task(*args)
+        except BaseException as error:  # kept for the training thread, which raises it
+            self._error = self._error or error
+
+    def _raise_error(self) -> None:
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
 
 
 class Interrupted(BaseException):
@@ -225,12 +292,12 @@ def _saved_run(ckpt_path: Any) -> dict[str, Any]:
 
 
 def plugins() -> list[Any]:
-    """The Trainer's plugins: atomic checkpoint files and, on SLURM, Lightning's requeue turned off: a requeue is
-    submitit's (hydra/launcher=submitit_slurm), which starts the same job again in its folder, and that resumes it.
-    Both would requeue the job twice."""
+    """The Trainer's plugins: atomic checkpoint files written in the background and, on SLURM, Lightning's requeue
+    turned off: a requeue is submitit's (hydra/launcher=submitit_slurm), which starts the same job again in its
+    folder, and that resumes it. Both would requeue the job twice."""
     from lightning_fabric.plugins.environments import SLURMEnvironment
 
-    return [AtomicCheckpointIO(), *([SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else [])]
+    return [BackgroundCheckpointIO(), *([SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else [])]
 
 
 def run_state(cfg: DictConfig) -> RunState:

@@ -44,6 +44,7 @@ class EpochHistory(pl.Callback):
         self._elapsed_before = 0.0  # training seconds of the run before a resume
         self._started = 0.0
         self._lr = float("nan")
+        self._written = 0  # rows already in metrics.csv: later epochs append theirs
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._started = time.perf_counter()
@@ -67,10 +68,14 @@ class EpochHistory(pl.Callback):
             self.write()
 
     def write(self) -> None:
-        with open(self.path, "w", newline="") as file:
+        """Append the new rows; the first write of a fit (and of a resume, whose rows come from its checkpoint)
+        rewrites the file whole."""
+        with open(self.path, "a" if self._written else "w", newline="") as file:
             writer = csv.DictWriter(file, fieldnames=COLUMNS, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(self.rows)
+            if not self._written:
+                writer.writeheader()
+            writer.writerows(self.rows[self._written :])
+        self._written = len(self.rows)
 
     def state_dict(self) -> dict[str, Any]:
         elapsed = self._elapsed_before + (time.perf_counter() - self._started if self._started else 0.0)
@@ -78,6 +83,7 @@ class EpochHistory(pl.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.rows = list(state_dict["rows"])
+        self._written = 0
         self._elapsed_before = float(state_dict["elapsed"])
         self._lr = state_dict.get("lr", self._lr)  # a mid-epoch resume skips on_train_epoch_start
 

@@ -69,17 +69,23 @@ def available_cores() -> int:
     return min(cores, int(cap)) if cap.isdigit() and int(cap) > 0 else cores
 
 
-def set_threads(threads: int | str, batch_size: int) -> int:
-    """torch's intra-op threads: `auto` uses one thread for mini-batches (measured faster here up to batch 256,
-    where the per-op work is too small to split) and every core above that."""
-    count = threads if threads != "auto" else 1 if batch_size <= 256 else available_cores()
+MULTI_THREAD_WORK = 10_000_000  # multiply-adds per step where a second thread starts to pay (measured: batch 128)
+
+
+def set_threads(threads: int | str, batch_size: int, model: torch.nn.Module) -> int:
+    """torch's intra-op threads: `auto` picks them from the work of one step, batch size x the multiply-adds of the
+    model's linear layers for one sample: below MULTI_THREAD_WORK one thread (splitting such small operations costs
+    more than it gains: 2 threads were ~20% slower at batch 32 on 64-256-256-10), every core above it."""
+    work = batch_size * sum(layer.weight.numel() for layer in model.modules() if isinstance(layer, torch.nn.Linear))
+    count = threads if threads != "auto" else 1 if work < MULTI_THREAD_WORK else available_cores()
     torch.set_num_threads(int(count))
     return int(count)
 
 
 def build_callbacks(cfg: DictConfig, run_dir: Path, has_logger: bool) -> list[Any]:
     """The Lightning callbacks of `callbacks.*` that are not null; checkpoints go to <run_dir>/checkpoints."""
-    from hydra.utils import instantiate
+    from hydra.utils import get_class, instantiate
+    from pytorch_lightning.callbacks import ModelCheckpoint
 
     callbacks = []
     for name, callback_cfg in (cfg or {}).items():
@@ -88,7 +94,8 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, has_logger: bool) -> list[An
         if name == "lr_monitor" and not has_logger:
             log.info("callbacks.lr_monitor is off: it needs a logger (logger=none); metrics.csv still has the lr")
             continue
-        extra = {"dirpath": run_dir / "checkpoints"} if name == "model_checkpoint" else {}
+        saves = "_target_" in callback_cfg and issubclass(get_class(callback_cfg._target_), ModelCheckpoint)
+        extra = {"dirpath": run_dir / "checkpoints"} if saves else {}
         callbacks.append(instantiate(callback_cfg, **extra))
     return callbacks
 
@@ -146,20 +153,7 @@ def build_trainer(
         enable_progress_bar=any(isinstance(c, ProgressBar) for c in callbacks),
     )
     check_distributed(trainer, cfg.trainer, in_sweep=in_sweep())
-    write_checkpoints_in_background(trainer)
     return trainer
-
-
-def write_checkpoints_in_background(trainer: Any) -> None:
-    """Write checkpoints in a thread while training goes on, through whatever checkpoint IO the trainer has (the
-    atomic writer): Lightning's AsyncCheckpointIO copies the tensors first, and waits for the writes when fit ends
-    or is interrupted, so test(), a resume and a signal's last.ckpt read whole files. The writer's fsync no longer
-    stalls the epoch (2 atomic saves: ~15 -> ~8 ms an epoch at batch 32 with a busy disk; no change on a quiet one)."""
-    from pytorch_lightning.plugins.io import AsyncCheckpointIO
-
-    strategy = trainer.strategy
-    if not isinstance(strategy.checkpoint_io, AsyncCheckpointIO):
-        strategy.checkpoint_io = AsyncCheckpointIO(strategy.checkpoint_io)
 
 
 def fit_and_test(
@@ -172,9 +166,8 @@ def fit_and_test(
     run_dir.mkdir(parents=True, exist_ok=True)
     if is_rank_zero():
         split.save(run_dir / "split.npz")
-    threads = set_threads(cfg.threads, batch_size)
-
     model = build_model(cfg, source, split)
+    threads = set_threads(cfg.threads, batch_size, model)
     datamodule = build_datamodule(cfg, source, split, batch_size)
     history = EpochHistory(run_dir / "metrics.csv")
     stopper = GracefulStop(run_dir / "checkpoints" / "last.ckpt")
@@ -190,8 +183,7 @@ def fit_and_test(
 
     # read before test(), which reloads callback states from best.ckpt
     rows, best = list(history.rows), history.best()
-    checkpoint = trainer.checkpoint_callback
-    best_path = checkpoint.best_model_path if checkpoint is not None else ""
+    best_path = next((c.best_model_path for c in trainer.checkpoint_callbacks if c.monitor), "")
     if not best_path:
         log.warning("no best.ckpt (callbacks.model_checkpoint=null): testing the last epoch's weights")
     tested = trainer.test(model, datamodule=datamodule, ckpt_path=best_path or None, verbose=False)[0]

@@ -4,6 +4,8 @@ Both train the same MLP (conf/model) with Adam (conf/optimizer) on the same digi
 1, 32, 256 and full. Our side is what `python train.py` builds: the config composed from conf/train.yaml and the
 model, DataModule and Trainer made by descent.train's own builders, default callbacks and CSV logger included. The
 plain side is the loop one writes by hand: shuffle, slice tensors, step; then the validation loss and accuracy.
+Between them, "bare Lightning" runs that plain loop's model, optimizer and slices in Lightning's Trainer with
+nothing else: what Lightning's own loop costs, which no setting of ours can remove.
 Repeats are interleaved and medians taken, so a machine busy with other work slows both sides alike. It ends with
 the start-up time of a 3-epoch `python train.py`, then the line `overhead ratio at batch size 32: X.XX`.
 
@@ -105,6 +107,45 @@ class PlainLoop:
             return float(loss), float((logits.argmax(1) == self.val_labels).float().mean())
 
 
+class SliceLoader:
+    """The plain loop's batches for a Trainer: one shuffle per epoch (its generator), then whole-batch slices."""
+
+    def __init__(self, loop: PlainLoop, shuffle: bool) -> None:
+        self.loop, self.shuffle = loop, shuffle
+
+    def __len__(self) -> int:
+        return len(self.loop.bounds) if self.shuffle else 1
+
+    def __iter__(self):
+        loop = self.loop
+        if not self.shuffle:
+            yield loop.val_images, loop.val_labels
+            return
+        order = torch.randperm(len(loop.labels), generator=loop.generator).to(loop.labels.device)
+        images, labels = loop.images[order], loop.labels[order]
+        for start, end in loop.bounds:
+            yield images[start:end], labels[start:end]
+
+
+class BareLightning(pl.LightningModule):
+    """The plain loop inside Lightning's Trainer and nothing else: its net, optimizer and batches, no metric, no log,
+    no callback, no checkpoint, no progress bar. Its time is the floor of any Lightning run on this machine."""
+
+    def __init__(self, loop: PlainLoop) -> None:
+        super().__init__()
+        self.loop, self.net = loop, loop.net
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return F.cross_entropy(self.net(batch[0]), batch[1])
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        logits = self.net(batch[0])
+        float(F.cross_entropy(logits, batch[1])), float((logits.argmax(1) == batch[1]).float().mean())
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return self.loop.optimizer
+
+
 class EpochClock(pl.Callback):
     """Wall-clock marks at each training epoch's start and at the end of training: an epoch lasts from its mark to
     the next one, so it counts its steps, validation, checkpoints, logging and progress bar."""
@@ -132,6 +173,7 @@ class Case:
     steps: int = 0
     threads: int = 0
     ours: list[float] = field(default_factory=list)
+    bare: list[float] = field(default_factory=list)
     plain: dict[int, list[float]] = field(default_factory=dict)
     loops: dict[int, PlainLoop] = field(default_factory=dict)
 
@@ -144,10 +186,10 @@ def time_ours(case: Case, source: Any, split: Any, root: Path, warmup: int, epoc
     """A fresh run as train.py builds it (warm-up + timed epochs); appends the timed epochs' seconds."""
     cfg = compose_config(case.batch_size, warmup + epochs, case.overrides)
     batch_size = check_batch_size(cfg.data.batch_size, len(split.train), cfg.model.batch_norm)
-    case.threads = set_threads(cfg.threads, batch_size)
     pl.seed_everything(cfg.seed, verbose=False)
     run_dir = Path(tempfile.mkdtemp(dir=root))
     model = build_model(cfg, source, split)
+    case.threads = set_threads(cfg.threads, batch_size, model)
     datamodule = build_datamodule(cfg, source, split, batch_size)
     clock = EpochClock()
     history, stopper = EpochHistory(run_dir / "metrics.csv"), GracefulStop(run_dir / "checkpoints" / "last.ckpt")
@@ -167,6 +209,21 @@ def time_plain(case: Case, threads: int, warmup: int, epochs: int) -> None:
         started = time.perf_counter()
         loop.epoch()
         case.plain.setdefault(threads, []).append(time.perf_counter() - started)
+
+
+def time_bare(case: Case, data: dict[str, tuple[torch.Tensor, torch.Tensor]], same_optimizer: bool, warmup: int,
+              epochs: int) -> None:  # fmt: skip
+    """A fresh BareLightning run at the plain loop's best thread count; appends the timed epochs' seconds."""
+    torch.set_num_threads(case.plain_best()[0])
+    loop = PlainLoop(case.cfg, data, same_optimizer)
+    clock = EpochClock()
+    trainer = pl.Trainer(
+        accelerator=case.cfg.trainer.accelerator, devices=1, max_epochs=warmup + epochs, callbacks=[clock],
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )  # fmt: skip
+    trainer.fit(BareLightning(loop), SliceLoader(loop, shuffle=True), SliceLoader(loop, shuffle=False))
+    case.bare += clock.epoch_seconds()[warmup:]
 
 
 def time_startup(runs: int, root: Path) -> list[float]:
@@ -203,23 +260,25 @@ def report(cases: list[Case], startup: list[float], n_train: int, args: argparse
     table = Table(
         title=f"descent against a plain PyTorch loop, {device}: median of {args.repeats} interleaved repeats x "
         f"{args.epochs} epochs (after {args.warmup} warm-up)",
-        caption=f"plain: tensor slices, {optimizer}, validation each epoch; (Nt): torch threads; samples/s: "
-        "training samples per second of epoch; batch 1 runs without batch norm on both sides",
+        caption=f"plain: tensor slices, {optimizer}, validation each epoch; bare Lightning: the plain loop's model, "
+        "optimizer and slices in Lightning's Trainer, with no metric, log, callback or checkpoint (the floor of any "
+        "Lightning run); ratios: s/epoch over plain's; (Nt): torch threads; samples/s: training samples per second "
+        "of epoch; batch 1 runs without batch norm everywhere",
         box=box.SIMPLE_HEAD,
     )
-    for column in ("batch", "steps", "plain\ns/epoch", "descent\ns/epoch", "plain\nsamples/s",
-                   "descent\nsamples/s", "ratio", "goal"):  # fmt: skip
+    for column in ("batch", "steps", "plain\ns/epoch", "bare Lightning\ns/epoch", "descent\ns/epoch",
+                   "descent\nsamples/s", "bare\nratio", "ratio", "goal"):  # fmt: skip
         table.add_column(column, justify="right")
     for case in cases:
         threads, plain = case.plain_best()
-        ours = statistics.median(case.ours)
+        ours, bare = statistics.median(case.ours), statistics.median(case.bare)
         goal = RATIO_GOALS[case.batch_size]
         table.add_row(
-            str(case.batch_size), str(case.steps), f"{plain:.4f} ({threads}t)", f"{ours:.4f} ({case.threads}t)",
-            f"{n_train / plain:,.0f}", f"{n_train / ours:,.0f}", f"{ours / plain:.2f}",
+            str(case.batch_size), str(case.steps), f"{plain:.4f} ({threads}t)", f"{bare:.4f}",
+            f"{ours:.4f} ({case.threads}t)", f"{n_train / ours:,.0f}", f"{bare / plain:.2f}", f"{ours / plain:.2f}",
             f"[green]<= {goal}[/]" if ours / plain <= goal else f"[red]<= {goal}[/]",
         )  # fmt: skip
-    console = Console()
+    console = Console(width=max(Console().width, 100))  # 80 columns (a pipe, CI) would fold the figures
     console.print(table)
     if startup:
         median = statistics.median(startup)
@@ -265,6 +324,7 @@ def main(argv: list[str]) -> None:
             for case in cases:
                 for threads in thread_counts:
                     time_plain(case, threads, args.warmup, args.epochs)
+                time_bare(case, data, args.same_optimizer, args.warmup, args.epochs)
                 time_ours(case, source, split, root, args.warmup, args.epochs)
         startup = time_startup(args.startup_runs, root)
     report(cases, startup, len(split.train), args, str(device))
