@@ -87,6 +87,19 @@ def test_a_checkpoint_mid_way_leaves_the_flushes_where_an_uninterrupted_run_has_
     assert {k: v.item() for k, v in got.items()} == {k: v.item() for k, v in want.items()}  # exact, not approx
 
 
+def test_metric_states_travel_in_checkpoints_only_while_they_hold_partial_sums(monkeypatch):
+    monkeypatch.setattr(descent.model, "METRIC_FLUSH_STEPS", 2)
+    model = classifier().eval()
+    with torch.no_grad():
+        for _ in range(3):
+            model._step((torch.randn(4, 2, 2), torch.randint(0, 3, (4,))), "train")
+        mid_epoch = model.state_dict()
+        model._compute("train")  # the epoch's end: computed and reset
+    assert {"train_metrics.loss.mean_value", "train_metrics.acc.tp"} <= set(mid_epoch)
+    assert not any("metrics." in key for key in model.state_dict())
+    assert not any(key.startswith(("val_metrics", "test_metrics")) for key in mid_epoch)
+
+
 def test_a_nan_loss_still_shows_in_the_epoch_loss():
     model = classifier().eval()
     with torch.no_grad():
