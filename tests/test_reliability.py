@@ -160,16 +160,25 @@ def test_a_diverging_run_stops_at_once_says_so_once_and_exits_0(train):
     assert "returned `None`" not in output and "Traceback" not in output
 
 
-def test_checkpoints_load_with_weights_only_and_carry_the_rng_states(train):
+def test_checkpoints_load_with_weights_only_and_last_carries_the_rng_states(train, tmp_path):
     process, run_dir = train(*SMALL)
     assert process.returncode == 0, process.stderr
-    for name in ("best.ckpt", "last.ckpt"):
-        checkpoint = torch.load(run_dir / "checkpoints" / name, weights_only=True)
-        state = checkpoint["callbacks"]["descent"]
-        assert set(state["rng"]) == {"torch", "cuda", "numpy", "python"}
-        assert state["config"]["model"]["hidden_dims"] == [16] and state["config"]["ckpt_path"] is None
-        assert "model.hidden_dims=[16]" in state["overrides"]
-        assert isinstance(checkpoint["hyper_parameters"]["optimizer"], dict)
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    state = last["callbacks"]["descent"]
+    assert set(state["rng"]) == {"torch", "cuda", "numpy", "python"}
+    assert state["config"]["model"]["hidden_dims"] == [16] and state["config"]["ckpt_path"] is None
+    assert "model.hidden_dims=[16]" in state["overrides"]
+    assert last["optimizer_states"] and isinstance(last["hyper_parameters"]["optimizer"], dict)
+    best = torch.load(run_dir / "checkpoints" / "best.ckpt", weights_only=True)
+    assert "optimizer_states" not in best and "callbacks" not in best  # the weights, for test() and eval.py
+    assert (
+        best["state_dict"].keys() == last["state_dict"].keys() and best["hyper_parameters"] == last["hyper_parameters"]
+    )
+
+    resumed = run_script("train.py", f"ckpt_path={run_dir}/checkpoints/best.ckpt", f"hydra.run.dir={tmp_path}")
+    assert (
+        resumed.returncode == 2 and "best.ckpt holds the best epoch's weights only" in resumed.stdout + resumed.stderr
+    )
 
 
 def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):

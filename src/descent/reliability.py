@@ -287,7 +287,10 @@ def _saved_run(ckpt_path: Any) -> dict[str, Any]:
         )
     saved = torch.load(ckpt_path, map_location="cpu", weights_only=True).get("callbacks", {}).get(STATE_KEY)
     if saved is None:
-        raise ConfigError("ckpt_path", ckpt_path, "expected a checkpoint written by this project's train.py")
+        raise ConfigError(
+            "ckpt_path", ckpt_path, "expected a full checkpoint written by this project's train.py, such as "
+            "DIR/checkpoints/last.ckpt (best.ckpt holds the best epoch's weights only)",
+        )  # fmt: skip
     return saved
 
 
