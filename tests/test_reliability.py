@@ -209,6 +209,12 @@ def test_a_failed_checkpoint_write_leaves_the_previous_file_whole(tmp_path, monk
     assert os.listdir(tmp_path) == ["last.ckpt"]
 
 
+def test_checkpoints_get_the_mode_of_any_new_file(tmp_path):
+    (tmp_path / "plain").write_bytes(b"")
+    AtomicCheckpointIO().save_checkpoint({"epoch": 1}, tmp_path / "last.ckpt")
+    assert (tmp_path / "last.ckpt").stat().st_mode == (tmp_path / "plain").stat().st_mode  # not mkstemp's 0600
+
+
 def test_background_writes_land_in_order_before_a_load(tmp_path):
     io = BackgroundCheckpointIO()
     state = {"weights": torch.zeros(1000)}

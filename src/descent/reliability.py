@@ -86,6 +86,15 @@ class RunState(pl.Callback):
         self.config, self.overrides = state_dict["config"], list(state_dict["overrides"])
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading it means setting it: done once, at import, before any thread writes files
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_umask()  # the mode open() gives a new file; mkstemp's own 0600 would hide checkpoints from a team
+
+
 def write_atomically(path: Path, data: bytes | memoryview) -> None:
     """Write `data` to a temporary file in `path`'s folder, sync it, then rename it over `path`: a kill at any moment
     leaves either the previous file or the new one, whole."""
@@ -95,6 +104,7 @@ def write_atomically(path: Path, data: bytes | memoryview) -> None:
         with os.fdopen(handle, "wb") as file:
             file.write(data)
             file.flush()
+            os.fchmod(file.fileno(), FILE_MODE)
             os.fsync(file.fileno())
         os.replace(temporary, path)
     except BaseException:

@@ -181,7 +181,7 @@ def fit_and_test(
         lambda: trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True), stopper
     )
 
-    # read before test(), which reloads callback states from best.ckpt
+    # read before test(), which would reload callback states from a full best.ckpt
     rows, best = list(history.rows), history.best()
     best_path = next((c.best_model_path for c in trainer.checkpoint_callbacks if c.monitor), "")
     if not best_path:
