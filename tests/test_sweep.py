@@ -177,6 +177,32 @@ def test_an_optuna_search_runs_and_its_study_can_be_resumed(tmp_path):
     assert len(study.trials) == 4
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("batch_sizes", ["choice(32,100000)", "choice(100000)"])
+def test_failed_optuna_trials_are_recorded_as_failed_and_the_search_goes_on(tmp_path, batch_sizes):
+    import optuna
+
+    search = ["hparams_search=optuna", "hydra.sweeper.n_trials=4", "trainer.max_epochs=1", "hydra.sweeper.study_name=s",
+              f"hydra.sweeper.params={{data.batch_size:'{batch_sizes}'}}", f"paths.log_dir={tmp_path}"]  # fmt: skip
+    process = run_script("train.py", *FAST, *search, f"hydra.sweep.dir={tmp_path}/sweep")
+    output = process.stdout + process.stderr
+    assert process.returncode == 1 and "Traceback" not in output  # batch 100000 > 1077 training samples: failed
+    rows = summary_rows(tmp_path / "sweep")
+    assert len(rows) == 4 and all(
+        row["status"] == ("ok" if row.get("data.batch_size") == "32" else "failed") for row in rows
+    )
+    states = [
+        trial.state for trial in optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path}/optuna.db").trials
+    ]
+    assert len(states) == 4 and optuna.trial.TrialState.FAIL in states
+    if batch_sizes == "choice(100000)":
+        assert set(states) == {optuna.trial.TrialState.FAIL}
+        assert "no trial finished (all failed)" in output
+    else:
+        assert optuna.trial.TrialState.COMPLETE in states
+        assert "best_value" in (tmp_path / "sweep" / "optimization_results.yaml").read_text()
+
+
 def ddp_run(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
     return run_script("train.py", *FAST, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
                       f"hydra.run.dir={run_dir}", *overrides)  # fmt: skip

@@ -168,13 +168,14 @@ class SweepSummary(Callback):
             sys.exit(1)
 
 
-def objective(results: dict[str, Any]) -> float:
+def objective(results: dict[str, Any]) -> float | None:
     """What a sweeper maximizes: the best epoch's val/acc. A diverged job returns 0, the worst accuracy, so that
-    Optuna learns to avoid what diverges; a job without a val/acc returns NaN, which Optuna records as failed."""
+    Optuna learns to avoid what diverges; a job without a val/acc returns None, which Optuna records as failed (a NaN
+    would crash hydra-optuna-sweeper 1.3 with optuna 2.10: it tells the trial FAIL with the NaN as its value)."""
     if results.get("status") == "diverged":
         return 0.0
     value = (results.get("metrics") or {}).get("val/acc")
-    return float(value) if value is not None else math.nan
+    return float(value) if value is not None else None
 
 
 def finished_results(run_dir: Path, overrides: Sequence[str]) -> dict[str, Any] | None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-import math
 import os
 import warnings
 from collections.abc import Iterator
@@ -274,9 +273,9 @@ def in_sweep() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def sweep_job(cfg: DictConfig) -> float:
+def sweep_job(cfg: DictConfig) -> float | None:
     """One job of a sweep (-m). It never raises an error, so that the sweep goes on: a failed job is recorded as
-    `failed` in its results.json, returns NaN (a failed trial for Optuna), and makes the sweep's exit code non-zero
+    `failed` in its results.json, returns None (a failed trial for Optuna), and makes the sweep's exit code non-zero
     when it ends (descent.sweep.SweepSummary). A job whose folder already holds its finished results (a sweep re-run
     into the same hydra.sweep.dir) is skipped unless skip_done=false. Ctrl-C stops the whole sweep."""
     hydra_cfg = HydraConfig.get()
@@ -298,7 +297,7 @@ def sweep_job(cfg: DictConfig) -> float:
         log.warning("sweep stopped: its summary so far is in %s; the same command with hydra.sweep.dir=%s "
                     "finishes it (finished jobs are skipped)", hydra_cfg.sweep.dir, hydra_cfg.sweep.dir)  # fmt: skip
         raise
-    return math.nan
+    return None
 
 
 @contextlib.contextmanager

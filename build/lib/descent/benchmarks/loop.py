@@ -1,0 +1,330 @@
+"""`python scripts/bench.py`: seconds per epoch of our run against a plain PyTorch loop, in one process.
+
+Both train the same MLP (conf/model) with Adam (conf/optimizer) on the same digits split (conf/data) at batch sizes
+1, 32, 256 and full. Our side is what `python train.py` builds: the config composed from conf/train.yaml and the
+model, DataModule and Trainer made by descent.train's own builders, default callbacks and CSV logger included. The
+plain side is the loop one writes by hand: shuffle, slice tensors, step; then the validation loss and accuracy.
+Between them, "bare Lightning" runs that plain loop's model, optimizer and slices in Lightning's Trainer with
+nothing else: what Lightning's own loop costs, which no setting of ours can remove.
+Repeats are interleaved and medians taken, so a machine busy with other work slows both sides alike. It ends with
+the start-up time of a 3-epoch `python train.py`, then the line `overhead ratio at batch size 32: X.XX`.
+
+It measures and never tunes: no setting of the run it times is changed here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from descent.config import check_batch_size
+from descent.data.datamodule import batch_bounds, feature_stats
+from descent.data.sources import build_source
+from descent.data.splits import train_val_test
+from descent.model import MLP
+from descent.reliability import GracefulStop
+from descent.results import EpochHistory
+from descent.train import (
+    CONF_DIR,
+    available_cores,
+    build_datamodule,
+    build_model,
+    build_trainer,
+    quiet_lightning,
+    set_threads,
+)
+
+BATCH_SIZES: tuple[int | str, ...] = (1, 32, 256, "full")
+RATIO_GOALS: dict[int | str, float] = {1: 1.6, 32: 1.25, 256: 1.2, "full": 1.15}
+STARTUP_GOAL_S = 4.5
+STARTUP_EPOCHS = 3
+
+
+def compose_config(batch_size: int | str, epochs: int, overrides: list[str] = ()) -> DictConfig:
+    """conf/train.yaml as `python train.py data.batch_size=B trainer.max_epochs=E [OVERRIDES]` composes it.
+    Batch size 1 turns batch norm off: it cannot normalize one sample (the run refuses it)."""
+    fixed = [f"data.batch_size={batch_size}", f"trainer.max_epochs={epochs}"]
+    if batch_size == 1:
+        fixed.append("model.batch_norm=false")
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="train", overrides=[*fixed, *overrides])
+
+
+class PlainLoop:
+    """The hand-written loop: the same MLP and split, the data standardized once and kept in tensors on the device,
+    one shuffle per epoch, whole-batch slices, torch.optim.Adam with the config's lr, betas and eps and torch's
+    defaults for the rest (or the run's own optimizer with `same_optimizer`); after each epoch the validation
+    loss and accuracy, as a user of such a loop would print them."""
+
+    def __init__(self, cfg: DictConfig, data: dict[str, tuple[torch.Tensor, torch.Tensor]], same_optimizer: bool):
+        from hydra.utils import instantiate
+
+        torch.manual_seed(cfg.seed)
+        (images, labels), (self.val_images, self.val_labels) = data["train"], data["val"]
+        self.images, self.labels = images, labels
+        model = cfg.model
+        self.net = MLP(images.shape[1], int(labels.max()) + 1, list(model.hidden_dims), model.batch_norm,
+                       model.dropout, model.activation).to(images.device)  # fmt: skip
+        opt = cfg.optimizer
+        self.optimizer = (
+            instantiate(opt)(self.net.parameters())
+            if same_optimizer
+            else torch.optim.Adam(self.net.parameters(), lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps)
+        )
+        self.bounds = batch_bounds(len(labels), check_batch_size(cfg.data.batch_size, len(labels), model.batch_norm))
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+
+    def epoch(self) -> tuple[float, float]:
+        """One training epoch and one validation pass; returns the validation loss and accuracy (a device sync)."""
+        self.net.train()
+        order = torch.randperm(len(self.labels), generator=self.generator).to(self.labels.device)
+        images, labels = self.images[order], self.labels[order]
+        train_loss = torch.zeros((), device=images.device)
+        for start, end in self.bounds:
+            loss = F.cross_entropy(self.net(images[start:end]), labels[start:end])
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            train_loss += loss.detach() * (end - start)
+        self.net.eval()
+        with torch.no_grad():
+            logits = self.net(self.val_images)
+            loss = F.cross_entropy(logits, self.val_labels)
+            return float(loss), float((logits.argmax(1) == self.val_labels).float().mean())
+
+
+class SliceLoader:
+    """The plain loop's batches for a Trainer: one shuffle per epoch (its generator), then whole-batch slices."""
+
+    def __init__(self, loop: PlainLoop, shuffle: bool) -> None:
+        self.loop, self.shuffle = loop, shuffle
+
+    def __len__(self) -> int:
+        return len(self.loop.bounds) if self.shuffle else 1
+
+    def __iter__(self):
+        loop = self.loop
+        if not self.shuffle:
+            yield loop.val_images, loop.val_labels
+            return
+        order = torch.randperm(len(loop.labels), generator=loop.generator).to(loop.labels.device)
+        images, labels = loop.images[order], loop.labels[order]
+        for start, end in loop.bounds:
+            yield images[start:end], labels[start:end]
+
+
+class BareLightning(pl.LightningModule):
+    """The plain loop inside Lightning's Trainer and nothing else: its net, optimizer and batches, no metric, no log,
+    no callback, no checkpoint, no progress bar. Its time is the floor of any Lightning run on this machine."""
+
+    def __init__(self, loop: PlainLoop) -> None:
+        super().__init__()
+        self.loop, self.net = loop, loop.net
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return F.cross_entropy(self.net(batch[0]), batch[1])
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        logits = self.net(batch[0])
+        float(F.cross_entropy(logits, batch[1])), float((logits.argmax(1) == batch[1]).float().mean())
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return self.loop.optimizer
+
+
+class EpochClock(pl.Callback):
+    """Wall-clock marks at each training epoch's start and at the end of training: an epoch lasts from its mark to
+    the next one, so it counts its steps, validation, checkpoints, logging and progress bar."""
+
+    def __init__(self) -> None:
+        self.marks: list[float] = []
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.marks.append(time.perf_counter())
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.marks.append(time.perf_counter())
+
+    def epoch_seconds(self) -> list[float]:
+        return [end - start for start, end in zip(self.marks, self.marks[1:], strict=False)]
+
+
+@dataclass
+class Case:
+    """One batch size: its configs, its plain loops (one per thread count) and the epoch times of each side."""
+
+    batch_size: int | str
+    cfg: DictConfig
+    overrides: list[str]
+    steps: int = 0
+    threads: int = 0
+    ours: list[float] = field(default_factory=list)
+    bare: list[float] = field(default_factory=list)
+    plain: dict[int, list[float]] = field(default_factory=dict)
+    loops: dict[int, PlainLoop] = field(default_factory=dict)
+
+    def plain_best(self) -> tuple[int, float]:
+        """The plain loop's best thread count and its median seconds per epoch."""
+        return min(((t, statistics.median(s)) for t, s in self.plain.items()), key=lambda pair: pair[1])
+
+
+def time_ours(case: Case, source: Any, split: Any, root: Path, warmup: int, epochs: int) -> None:
+    """A fresh run as train.py builds it (warm-up + timed epochs); appends the timed epochs' seconds."""
+    cfg = compose_config(case.batch_size, warmup + epochs, case.overrides)
+    batch_size = check_batch_size(cfg.data.batch_size, len(split.train), cfg.model.batch_norm)
+    pl.seed_everything(cfg.seed, verbose=False)
+    run_dir = Path(tempfile.mkdtemp(dir=root))
+    model = build_model(cfg, source, split)
+    case.threads = set_threads(cfg.threads, batch_size, model)
+    datamodule = build_datamodule(cfg, source, split, batch_size)
+    clock = EpochClock()
+    history, stopper = EpochHistory(run_dir / "metrics.csv"), GracefulStop(run_dir / "checkpoints" / "last.ckpt")
+    trainer = build_trainer(cfg, run_dir, history, stopper, first=(clock,))
+    trainer.fit(model, datamodule=datamodule)
+    case.steps = len(datamodule.train_dataloader())
+    case.ours += clock.epoch_seconds()[warmup:]
+
+
+def time_plain(case: Case, threads: int, warmup: int, epochs: int) -> None:
+    """Timed epochs of the plain loop at a thread count (warm-up epochs only on its first use)."""
+    torch.set_num_threads(threads)
+    loop = case.loops[threads]
+    for _ in range(warmup if threads not in case.plain else 0):
+        loop.epoch()
+    for _ in range(epochs):
+        started = time.perf_counter()
+        loop.epoch()
+        case.plain.setdefault(threads, []).append(time.perf_counter() - started)
+
+
+def time_bare(case: Case, data: dict[str, tuple[torch.Tensor, torch.Tensor]], same_optimizer: bool, warmup: int,
+              epochs: int) -> None:  # fmt: skip
+    """A fresh BareLightning run at the plain loop's best thread count; appends the timed epochs' seconds."""
+    torch.set_num_threads(case.plain_best()[0])
+    loop = PlainLoop(case.cfg, data, same_optimizer)
+    clock = EpochClock()
+    trainer = pl.Trainer(
+        accelerator=case.cfg.trainer.accelerator, devices=1, max_epochs=warmup + epochs, callbacks=[clock],
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )  # fmt: skip
+    trainer.fit(BareLightning(loop), SliceLoader(loop, shuffle=True), SliceLoader(loop, shuffle=False))
+    case.bare += clock.epoch_seconds()[warmup:]
+
+
+def time_startup(runs: int, root: Path) -> list[float]:
+    """Seconds from process start to exit of `python train.py trainer.max_epochs=3`, each into its own folder."""
+    train_py = Path(CONF_DIR).parent / "train.py"
+    seconds = []
+    for index in range(runs):
+        command = [sys.executable, str(train_py), f"trainer.max_epochs={STARTUP_EPOCHS}",
+                   f"hydra.run.dir={root / f'startup_{index}'}"]  # fmt: skip
+        started = time.perf_counter()
+        subprocess.run(command, check=True, capture_output=True, cwd=train_py.parent)
+        seconds.append(time.perf_counter() - started)
+    return seconds
+
+
+def in_memory(source: Any, split: Any, device: torch.device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Each part as (standardized flat images, labels) on `device`, the plain loop's one-time preparation."""
+    mean, std = map(torch.from_numpy, feature_stats(source.images, split.train))
+    parts = {}
+    for part in ("train", "val"):
+        indices = getattr(split, part)
+        images = torch.as_tensor(source.images[indices], dtype=torch.float32).flatten(1)
+        labels = torch.as_tensor(source.labels[indices], dtype=torch.int64)
+        parts[part] = (((images - mean) / std).to(device), labels.to(device))
+    return parts
+
+
+def report(cases: list[Case], startup: list[float], n_train: int, args: argparse.Namespace, device: str) -> None:
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    optimizer = "the run's optimizer" if args.same_optimizer else "torch.optim.Adam defaults"
+    table = Table(
+        title=f"descent against a plain PyTorch loop, {device}: median of {args.repeats} interleaved repeats x "
+        f"{args.epochs} epochs (after {args.warmup} warm-up)",
+        caption=f"plain: tensor slices, {optimizer}, validation each epoch; bare Lightning: the plain loop's model, "
+        "optimizer and slices in Lightning's Trainer, with no metric, log, callback or checkpoint (the floor of any "
+        "Lightning run); ratios: s/epoch over plain's; (Nt): torch threads; samples/s: training samples per second "
+        "of epoch; batch 1 runs without batch norm everywhere",
+        box=box.SIMPLE_HEAD,
+    )
+    for column in ("batch", "steps", "plain\ns/epoch", "bare Lightning\ns/epoch", "descent\ns/epoch",
+                   "descent\nsamples/s", "bare\nratio", "ratio", "goal"):  # fmt: skip
+        table.add_column(column, justify="right")
+    for case in cases:
+        threads, plain = case.plain_best()
+        ours, bare = statistics.median(case.ours), statistics.median(case.bare)
+        goal = RATIO_GOALS[case.batch_size]
+        table.add_row(
+            str(case.batch_size), str(case.steps), f"{plain:.4f} ({threads}t)", f"{bare:.4f}",
+            f"{ours:.4f} ({case.threads}t)", f"{n_train / ours:,.0f}", f"{bare / plain:.2f}", f"{ours / plain:.2f}",
+            f"[green]<= {goal}[/]" if ours / plain <= goal else f"[red]<= {goal}[/]",
+        )  # fmt: skip
+    console = Console(width=max(Console().width, 100))  # 80 columns (a pipe, CI) would fold the figures
+    console.print(table)
+    if startup:
+        median = statistics.median(startup)
+        verdict = "[green]holds[/]" if median <= STARTUP_GOAL_S else "[red]misses[/]"
+        console.print(
+            f"start-up, `python train.py trainer.max_epochs={STARTUP_EPOCHS}` from process start to exit: "
+            f"{median:.2f} s (median of {', '.join(f'{s:.2f}' for s in startup)}); goal <= {STARTUP_GOAL_S} s "
+            f"{verdict}"
+        )
+    case_32 = next(case for case in cases if case.batch_size == 32)
+    print(f"overhead ratio at batch size 32: {statistics.median(case_32.ours) / case_32.plain_best()[1]:.2f}")
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="scripts/bench.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--epochs", type=int, default=3, help="timed epochs per repeat and side (default 3)")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats (default 3)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed epochs before each of our runs (default 1)")
+    parser.add_argument("--startup-runs", type=int, default=3, help="3-epoch train.py processes to time (0: skip)")
+    parser.add_argument(
+        "--same-optimizer",
+        action="store_true",
+        help="give the plain loop the run's optimizer (fused Adam), not torch's",
+    )
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for both sides, as train.py takes them")
+    args = parser.parse_args(argv)
+
+    quiet_lightning()
+    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
+    base = compose_config(32, 1, args.overrides)
+    source = build_source(base.data)
+    split = train_val_test(source.labels, tuple(base.data.split), base.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    data = in_memory(source, split, device)
+    thread_counts = sorted({1, available_cores()})
+
+    cases = [Case(size, compose_config(size, 1, args.overrides), args.overrides) for size in BATCH_SIZES]
+    for case in cases:
+        case.loops = {threads: PlainLoop(case.cfg, data, args.same_optimizer) for threads in thread_counts}
+    with tempfile.TemporaryDirectory(prefix="descent-bench-") as folder:
+        root = Path(folder)
+        for _ in range(args.repeats):
+            for case in cases:
+                for threads in thread_counts:
+                    time_plain(case, threads, args.warmup, args.epochs)
+                time_bare(case, data, args.same_optimizer, args.warmup, args.epochs)
+                time_ours(case, source, split, root, args.warmup, args.epochs)
+        startup = time_startup(args.startup_runs, root)
+    report(cases, startup, len(split.train), args, str(device))

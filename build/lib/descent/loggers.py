@@ -1,0 +1,136 @@
+"""The Lightning loggers of `logger.*` (csv, tensorboard, wandb), all writing under the run folder.
+
+W&B gets the run's identity here: its name from the overrides, its group (the sweep or the CV run), its job type,
+tags and the resolved config; after the run, the best epoch's summary, the confusion matrix and `finish()` with the
+run's exit code, so that two runs of one process never merge. Without credentials it runs offline, never prompts.
+Imported only once a run trains (it loads Lightning). It must never read, print or store an API key: wandb finds it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.loggers import WandbLogger
+
+log = logging.getLogger("descent")
+
+
+def _hydra_runtime() -> Any | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get() if HydraConfig.initialized() else None
+
+
+def wandb_mode(configured: str | None) -> str | None:
+    """`logger.wandb.mode`, else WANDB_MODE (None: wandb reads it), else `offline` when no credentials are found.
+
+    wandb.init with no credentials and no terminal raises instead of running offline, hence the check."""
+    if configured or os.environ.get("WANDB_MODE"):
+        return configured
+    import wandb
+
+    if wandb.login(prompt=False, verify=False):
+        return None
+    log.info("W&B: no credentials found (WANDB_API_KEY, ~/.netrc, `wandb login`): running offline")
+    return "offline"
+
+
+def _wandb_identity(cfg: DictConfig, run_dir: Path, group: str | None, job_type: str) -> dict[str, Any]:
+    """name (the overrides but the logger's), group, job_type, tags and config for wandb.init, from the Hydra job
+    when there is one."""
+    hydra_cfg = _hydra_runtime()
+    typed = OmegaConf.to_container(hydra_cfg.overrides.task, resolve=False) if hydra_cfg else []  # as typed
+    overrides = [o for o in typed if not o.startswith("logger")]
+    name = " ".join(overrides) or "defaults"
+    if job_type != "train":
+        name = f"{name} {run_dir.name}"
+    if group is None and hydra_cfg is not None and hydra_cfg.mode == RunMode.MULTIRUN:
+        group = Path(hydra_cfg.sweep.dir).name
+    optimizer = hydra_cfg.runtime.choices.get("optimizer") if hydra_cfg else None
+    optimizer = optimizer or str(cfg.optimizer.get("_target_", "")).rsplit(".", 1)[-1]
+    tags = [f"optimizer={optimizer}", f"batch_size={cfg.data.batch_size}"]
+    config = _resolved_but_env(cfg) if hydra_cfg is not None else OmegaConf.to_container(cfg, resolve=False)
+    return {"name": name, "group": group, "job_type": job_type, "tags": tags, "config": config}
+
+
+def _resolved_but_env(cfg: DictConfig) -> dict[str, Any]:
+    """The config resolved, but for values written as `${oc.env:...}`, kept as the reference: a secret passed
+    through the environment must not reach W&B (as Hydra's own .hydra/config.yaml keeps them unresolved)."""
+
+    def pick(raw: Any, resolved: Any) -> Any:
+        if isinstance(raw, dict):
+            return {key: pick(raw[key], resolved[key]) for key in raw}
+        if isinstance(raw, list):
+            return [pick(r, v) for r, v in zip(raw, resolved, strict=True)]
+        return raw if isinstance(raw, str) and "oc.env" in raw else resolved
+
+    return pick(OmegaConf.to_container(cfg, resolve=False), OmegaConf.to_container(cfg, resolve=True))
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path, group: str | None, job_type: str) -> list[Any]:
+    """The Lightning loggers of `cfg.logger`, each writing under the run folder. `group` gathers the runs of one
+    cross-validation or sweep (a sweep's jobs default to the sweep folder's name), `job_type` says what this run is
+    (train, fold, eval)."""
+    from hydra.utils import instantiate
+
+    loggers = []
+    for name, logger_cfg in (cfg.get("logger") or {}).items():
+        if not logger_cfg:
+            continue
+        extra: dict[str, Any] = {"save_dir": str(run_dir)}
+        if name == "wandb":
+            identity = _wandb_identity(cfg, run_dir, group, job_type)
+            identity["tags"] = [*identity["tags"], *(logger_cfg.get("tags") or [])]
+            extra |= identity | {"mode": wandb_mode(logger_cfg.get("mode"))}
+        # completed as a partial: `config` (a plain dict with _target_ keys) must reach wandb.init as it is
+        loggers.append(instantiate(logger_cfg, _partial_=True)(**extra))
+    return loggers
+
+
+def close_loggers(loggers: list[Any], results: dict[str, Any], confusion_png: Path | None) -> None:
+    """Give W&B the best epoch's summary and the confusion matrix, then finish the run with the run's exit code
+    (0 for ok or diverged, 1 otherwise) and say how to upload an offline run."""
+    for logger in loggers:
+        if not isinstance(logger, WandbLogger) or logger._experiment is None:  # no public "has started" in Lightning
+            continue
+        import wandb
+
+        run = logger.experiment
+        if confusion_png is not None and confusion_png.is_file():
+            run.log({"test/confusion_matrix": wandb.Image(str(confusion_png))})
+        summary = {f"best/{key}": value for key, value in results.get("metrics", {}).items()}
+        summary |= {key: results.get(key) for key in ("status", "best_epoch", "epochs", "steps")}
+        run.summary.update(summary)
+        finish_wandb(logger, exit_code=0 if results.get("status") in ("ok", "diverged") else 1)
+
+
+def finish_wandb(logger: Any, exit_code: int) -> None:
+    """Finish a WandbLogger's run (so the next run of this process starts a new one); print `wandb sync` if offline."""
+    run = logger._experiment
+    if run is None:
+        return
+    offline, sync_dir = run.settings.mode in ("offline", "dryrun"), run.settings.sync_dir
+    run.finish(exit_code=exit_code)
+    logger._experiment = None
+    if offline:
+        log.info("W&B run saved offline; upload it with: wandb sync %s", sync_dir)
+
+
+class FinishWandbOnError(pl.Callback):
+    """When fit or test raises, finish the W&B run so that it does not stay open (and swallow the next run of a
+    sweep): exit code 128 + the signal's number when `stopper` (a GracefulStop) saw one, else 1."""
+
+    def __init__(self, stopper: Any | None = None) -> None:
+        self.stopper = stopper
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        signum = getattr(self.stopper, "signum", None)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                finish_wandb(logger, exit_code=128 + signum if signum else 1)
