@@ -180,6 +180,21 @@ def test_folds_of_a_cv_run_share_one_group(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_resumed_run_goes_on_in_its_own_wandb_run(tmp_path):
+    run_dir = tmp_path / "run"
+    assert run_train(run_dir, "logger=wandb").returncode == 0
+    resume = [f"ckpt_path={run_dir}/checkpoints/last.ckpt", f"hydra.run.dir={run_dir}"]
+    resumed = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *resume],
+        cwd=ROOT, env=ENV, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr
+    first, second = offline_runs(run_dir)
+    assert first["run"].run_id == second["run"].run_id  # one W&B run, written in two sessions
+    assert "W&B: resuming run" in resumed.stderr + resumed.stdout
+
+
+@pytest.mark.slow
 def test_a_run_that_fails_in_fit_is_finished_with_exit_code_1_and_the_next_run_is_a_new_one(tmp_path):
     process = fit_in_one_process(
         f"try: fit('{tmp_path}/failed', 'optimizer._target_=builtins.int')  # raises in configure_optimizers\n"

@@ -88,9 +88,19 @@ def build_loggers(cfg: DictConfig, run_dir: Path, group: str | None, job_type: s
             identity = _wandb_identity(cfg, run_dir, group, job_type)
             identity["tags"] = [*identity["tags"], *(logger_cfg.get("tags") or [])]
             extra |= identity | {"mode": wandb_mode(logger_cfg.get("mode"))}
+            resumed = previous_wandb_run(run_dir) if cfg.get("ckpt_path") else None
+            if resumed is not None:  # a resume (or a requeued job) goes on in the W&B run it left
+                extra |= {"id": resumed, "resume": "allow"}
+                log.info("W&B: resuming run %s", resumed)
         # completed as a partial: `config` (a plain dict with _target_ keys) must reach wandb.init as it is
         loggers.append(instantiate(logger_cfg, _partial_=True)(**extra))
     return loggers
+
+
+def previous_wandb_run(run_dir: Path) -> str | None:
+    """The id of the newest W&B run in the run folder (`wandb/run-<time>-<id>` or `offline-run-<time>-<id>`)."""
+    runs = sorted((run_dir / "wandb").glob("*run-*-*"), key=lambda path: path.name.split("run-", 1)[1])
+    return runs[-1].name.rsplit("-", 1)[1] if runs else None
 
 
 def close_loggers(loggers: list[Any], results: dict[str, Any], confusion_png: Path | None) -> None:
