@@ -93,7 +93,10 @@ def build_loggers(cfg: DictConfig, run_dir: Path, group: str | None, job_type: s
                 extra |= {"id": resumed, "resume": "allow"}
                 log.info("W&B: resuming run %s", resumed)
         # completed as a partial: `config` (a plain dict with _target_ keys) must reach wandb.init as it is
-        loggers.append(instantiate(logger_cfg, _partial_=True)(**extra))
+        logger = instantiate(logger_cfg, _partial_=True)(**extra)
+        if isinstance(logger, WandbLogger):  # Lightning always passes anonymous=None: wandb 0.31 warns at each run
+            logger._wandb_init.pop("anonymous", None)
+        loggers.append(logger)
     return loggers
 
 
