@@ -173,13 +173,21 @@ class Case:
     steps: int = 0
     threads: int = 0
     ours: list[float] = field(default_factory=list)
-    bare: list[float] = field(default_factory=list)
+    bare: dict[int, list[float]] = field(default_factory=dict)
     plain: dict[int, list[float]] = field(default_factory=dict)
     loops: dict[int, PlainLoop] = field(default_factory=dict)
 
     def plain_best(self) -> tuple[int, float]:
         """The plain loop's best thread count and its median seconds per epoch."""
-        return min(((t, statistics.median(s)) for t, s in self.plain.items()), key=lambda pair: pair[1])
+        return _best(self.plain)
+
+    def bare_best(self) -> tuple[int, float]:
+        """Bare Lightning's best thread count and its median seconds per epoch."""
+        return _best(self.bare)
+
+
+def _best(seconds: dict[int, list[float]]) -> tuple[int, float]:
+    return min(((t, statistics.median(s)) for t, s in seconds.items()), key=lambda pair: pair[1])
 
 
 def time_ours(case: Case, source: Any, split: Any, root: Path, warmup: int, epochs: int) -> None:
@@ -211,10 +219,10 @@ def time_plain(case: Case, threads: int, warmup: int, epochs: int) -> None:
         case.plain.setdefault(threads, []).append(time.perf_counter() - started)
 
 
-def time_bare(case: Case, data: dict[str, tuple[torch.Tensor, torch.Tensor]], same_optimizer: bool, warmup: int,
-              epochs: int) -> None:  # fmt: skip
-    """A fresh BareLightning run at the plain loop's best thread count; appends the timed epochs' seconds."""
-    torch.set_num_threads(case.plain_best()[0])
+def time_bare(case: Case, data: dict[str, tuple[torch.Tensor, torch.Tensor]], same_optimizer: bool, threads: int,
+              warmup: int, epochs: int) -> None:  # fmt: skip
+    """A fresh BareLightning run at a thread count; appends the timed epochs' seconds."""
+    torch.set_num_threads(threads)
     loop = PlainLoop(case.cfg, data, same_optimizer)
     clock = EpochClock()
     trainer = pl.Trainer(
@@ -223,7 +231,7 @@ def time_bare(case: Case, data: dict[str, tuple[torch.Tensor, torch.Tensor]], sa
         num_sanity_val_steps=0,
     )  # fmt: skip
     trainer.fit(BareLightning(loop), SliceLoader(loop, shuffle=True), SliceLoader(loop, shuffle=False))
-    case.bare += clock.epoch_seconds()[warmup:]
+    case.bare.setdefault(threads, []).extend(clock.epoch_seconds()[warmup:])
 
 
 def time_startup(runs: int, root: Path) -> list[float]:
@@ -271,7 +279,7 @@ def report(cases: list[Case], startup: list[float], n_train: int, args: argparse
         table.add_column(column, justify="right")
     for case in cases:
         threads, plain = case.plain_best()
-        ours, bare = statistics.median(case.ours), statistics.median(case.bare)
+        ours, bare = statistics.median(case.ours), case.bare_best()[1]
         goal = RATIO_GOALS[case.batch_size]
         table.add_row(
             str(case.batch_size), str(case.steps), f"{plain:.4f} ({threads}t)", f"{bare:.4f}",
@@ -324,7 +332,7 @@ def main(argv: list[str]) -> None:
             for case in cases:
                 for threads in thread_counts:
                     time_plain(case, threads, args.warmup, args.epochs)
-                time_bare(case, data, args.same_optimizer, args.warmup, args.epochs)
+                    time_bare(case, data, args.same_optimizer, threads, args.warmup, args.epochs)
                 time_ours(case, source, split, root, args.warmup, args.epochs)
         startup = time_startup(args.startup_runs, root)
     report(cases, startup, len(split.train), args, str(device))
