@@ -127,6 +127,7 @@ def test_a_failed_job_does_not_stop_the_sweep_which_exits_non_zero_and_a_rerun_s
     assert sorted(row["status"] for row in summary_rows(tmp_path)) == ["failed", "ok", "ok"]
     failed = results_of(tmp_path / "1")
     assert failed["status"] == "failed" and "optimizer.lr=-1 is not allowed" in failed["error"]
+    assert "job 1: optimizer.lr=-1 is not allowed" in process.stdout  # under the summary table, whole
     finished = (tmp_path / "0" / "results.json").read_text()
 
     again = sweep(tmp_path, "trainer.max_epochs=1", "optimizer.lr=0.01,-1,0.001")
