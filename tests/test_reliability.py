@@ -20,7 +20,7 @@ import pytest
 import torch
 from conftest import ENV, FAST, ROOT, results_of, run_script
 
-from descent.data.datamodule import TensorBatches
+from descent.data.datamodule import StreamingBatches, TensorBatches
 from descent.reliability import AtomicCheckpointIO, BackgroundCheckpointIO, plugins, rng_states, set_rng_states
 
 SMALL = [*FAST, "model.hidden_dims=[16]"]
@@ -116,6 +116,25 @@ def test_a_signal_mid_epoch_leaves_an_interrupted_run_that_resumes_exactly(unint
     assert resumed.returncode == 0, resumed.stderr
     assert without_durations(results_of(run_dir)) == without_durations(results_of(uninterrupted))
     assert without_time(rows_of(run_dir)) == without_time(rows_of(uninterrupted))
+
+
+@pytest.mark.slow
+def test_a_streamed_run_stopped_mid_epoch_resumes_exactly(tmp_path):
+    streamed = [*SLOW_EPOCHS, "data=synthetic", "data.n_samples=1500", "data.image_size=8", "data.batch_size=1",
+                "data.stream.in_memory_mb=0", f"data.dir={tmp_path}/data"]  # fmt: skip
+    whole = run_script("train.py", *streamed, f"hydra.run.dir={tmp_path}/whole")
+    assert whole.returncode == 0, whole.stderr
+    assert "streamed" in whole.stdout + whole.stderr
+    run_dir = tmp_path / "run"
+    process = start(run_dir, *streamed)
+    wait_for_rows(process, run_dir, 1)
+    time.sleep(0.1)  # into the second epoch
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 128 + signal.SIGTERM
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] % 900 != 0
+    assert resume(run_dir).returncode == 0
+    assert without_durations(results_of(run_dir)) == without_durations(results_of(tmp_path / "whole"))
+    assert without_time(rows_of(run_dir)) == without_time(rows_of(tmp_path / "whole"))
 
 
 def test_on_slurm_only_one_requeue_mechanism_is_armed(monkeypatch):
@@ -231,17 +250,27 @@ def test_background_writes_land_in_order_before_a_load(tmp_path):
     assert torch.load(tmp_path / "last.ckpt", weights_only=True) == {"epoch": 5}
 
 
-def test_a_loader_restored_mid_epoch_serves_the_batches_not_yet_seen():
+@pytest.mark.parametrize("kind", ["in memory", "streamed"])
+def test_a_loader_restored_mid_epoch_serves_the_batches_not_yet_seen(kind):
     images, labels = torch.arange(20.0).reshape(10, 2), torch.arange(10)
-    loader = TensorBatches(images, labels, batch_size=2, shuffle=True, seed=3)
-    loader.set_epoch(1)
-    batches = iter(loader)
+
+    def loader() -> TensorBatches | StreamingBatches:
+        if kind == "in memory":
+            return TensorBatches(images, labels, batch_size=2, shuffle=True, seed=3)
+        return StreamingBatches(images.numpy(), labels.numpy(), 2, shuffle=True, seed=3, block_size=4, prefetch=2)
+
+    interrupted = loader()
+    interrupted.set_epoch(1)
+    batches = iter(interrupted)
     seen = [next(batches)[1] for _ in range(2)]
-    restored = TensorBatches(images, labels, batch_size=2, shuffle=True, seed=3)
-    restored.load_state_dict(loader.state_dict())
+    batches.close()  # the signal: its prefetch thread stops
+    restored = loader()
+    restored.load_state_dict(interrupted.state_dict())
     restored.set_epoch(1)
     rest = [batch[1] for batch in restored]
-    assert torch.equal(torch.cat(seen + rest).sort().values, labels)
+    whole = loader()
+    whole.set_epoch(1)
+    assert [b.tolist() for b in seen + rest] == [batch[1].tolist() for batch in whole]  # the same batches, in order
     assert len(rest) == 3
     restored.set_epoch(2)
     assert len(list(restored)) == 5  # the next epoch is whole again

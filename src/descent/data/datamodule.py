@@ -40,12 +40,17 @@ def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
 class EpochLoader:
     """What Lightning needs of a loader that is not a DataLoader: a length, and `sampler.set_epoch(epoch)`, which
     its fit loop calls on every loader before an epoch; the loader is its own sampler, so the epoch reaches the
-    shuffle."""
+    shuffle.
+
+    Its state (epoch, batches served) travels in checkpoints (Lightning saves a loader's `state_dict`), so a run
+    resumed from a mid-epoch checkpoint (written on SIGTERM) trains on the batches it had not seen yet."""
 
     def __init__(self, bounds: list[tuple[int, int]], shuffle: bool, seed: int) -> None:
         self.bounds = bounds
         self.shuffle, self.seed, self.epoch = shuffle, seed, 0
         self.sampler, self.batch_sampler = self, None  # the attributes Lightning looks for on a loader
+        self.served = 0  # batches yielded in this epoch
+        self._resume: tuple[int, int] | None = None  # (epoch, batches already trained) from a mid-epoch checkpoint
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -53,13 +58,22 @@ class EpochLoader:
     def __len__(self) -> int:
         return len(self.bounds)
 
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "served": self.served}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if 0 < state["served"] < len(self):
+            self._resume = (state["epoch"], state["served"])
+
+    def _epoch_bounds(self) -> list[tuple[int, int]]:
+        """The batches this epoch still has to serve: all of them, or those after a mid-epoch checkpoint's."""
+        skip = self._resume[1] if self._resume is not None and self._resume[0] == self.epoch else 0
+        self._resume, self.served = None, skip
+        return self.bounds[skip:]
+
 
 class TensorBatches(EpochLoader):
-    """Batches of in-memory tensors, reshuffled each epoch from (seed, epoch).
-
-    Its state (epoch, batches served) travels in checkpoints, so a run resumed from a mid-epoch checkpoint (written
-    on SIGTERM) trains on the batches it had not seen yet.
-    """
+    """Batches of in-memory tensors, reshuffled each epoch from (seed, epoch)."""
 
     def __init__(
         self,
@@ -78,15 +92,6 @@ class TensorBatches(EpochLoader):
         # shards cover every sample once, so synced metrics equal a single device's.
         share = len(labels) // world_size if shuffle else len(range(rank, len(labels), world_size))
         super().__init__(batch_bounds(share, batch_size), shuffle, seed)
-        self.served = 0  # batches yielded in this epoch
-        self._resume: tuple[int, int] | None = None  # (epoch, batches already trained) from a mid-epoch checkpoint
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "served": self.served}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        if 0 < state["served"] < len(self):
-            self._resume = (state["epoch"], state["served"])
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         images, labels = self.images, self.labels
@@ -96,9 +101,7 @@ class TensorBatches(EpochLoader):
             images, labels = images[order], labels[order]
         if self.world_size > 1:
             images, labels = images[self.rank :: self.world_size], labels[self.rank :: self.world_size]
-        skip = self._resume[1] if self._resume is not None and self._resume[0] == self.epoch else 0
-        self._resume, self.served = None, skip
-        for start, end in self.bounds[skip:]:
+        for start, end in self._epoch_bounds():
             self.served += 1
             yield images[start:end], labels[start:end]
 
@@ -146,7 +149,7 @@ class StreamingBatches(EpochLoader):
         return images, torch.from_numpy(np.asarray(self.labels[batch], dtype=np.int64))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = self.order()
+        order, bounds = self.order(), self._epoch_bounds()
         ready: queue.Queue[Any] = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
 
@@ -160,7 +163,7 @@ class StreamingBatches(EpochLoader):
 
         def load() -> None:
             try:
-                for start, end in self.bounds:
+                for start, end in bounds:
                     if stop.is_set():
                         return
                     put(self.read(order[start:end]))
@@ -170,10 +173,11 @@ class StreamingBatches(EpochLoader):
         thread = threading.Thread(target=load, name="descent-prefetch", daemon=True)
         thread.start()
         try:
-            for _ in self.bounds:
+            for _ in bounds:
                 item = ready.get()
                 if isinstance(item, Exception):
                     raise item
+                self.served += 1
                 yield item
         finally:  # also when the loop stops early (sanity check, early stopping, divergence)
             stop.set()
