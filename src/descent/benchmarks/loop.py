@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,48 +89,51 @@ class PlainLoop:
         self.bounds = batch_bounds(len(labels), check_batch_size(cfg.data.batch_size, len(labels), model.batch_norm))
         self.generator = torch.Generator().manual_seed(cfg.seed)
 
-    def epoch(self) -> tuple[float, float]:
-        """One training epoch and one validation pass; returns the validation loss and accuracy (a device sync)."""
-        self.net.train()
+    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One epoch's training batches: one shuffle (the loop's generator), then whole-batch slices."""
         order = torch.randperm(len(self.labels), generator=self.generator).to(self.labels.device)
         images, labels = self.images[order], self.labels[order]
-        train_loss = torch.zeros((), device=images.device)
         for start, end in self.bounds:
-            loss = F.cross_entropy(self.net(images[start:end]), labels[start:end])
+            yield images[start:end], labels[start:end]
+
+    @torch.no_grad()
+    def validate(self) -> tuple[float, float]:
+        """The validation loss and accuracy (a device sync)."""
+        logits = self.net(self.val_images)
+        loss = F.cross_entropy(logits, self.val_labels)
+        return float(loss), float((logits.argmax(1) == self.val_labels).float().mean())
+
+    def epoch(self) -> tuple[float, float]:
+        """One training epoch and one validation pass; returns the validation loss and accuracy."""
+        self.net.train()
+        train_loss = torch.zeros((), device=self.images.device)
+        for images, labels in self.batches():
+            loss = F.cross_entropy(self.net(images), labels)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
-            train_loss += loss.detach() * (end - start)
+            train_loss += loss.detach() * len(labels)
         self.net.eval()
-        with torch.no_grad():
-            logits = self.net(self.val_images)
-            loss = F.cross_entropy(logits, self.val_labels)
-            return float(loss), float((logits.argmax(1) == self.val_labels).float().mean())
+        return self.validate()
 
 
 class SliceLoader:
-    """The plain loop's batches for a Trainer: one shuffle per epoch (its generator), then whole-batch slices."""
+    """The plain loop's batches for a Trainer (validation: one placeholder batch, as PlainLoop.validate reads its
+    own tensors)."""
 
-    def __init__(self, loop: PlainLoop, shuffle: bool) -> None:
-        self.loop, self.shuffle = loop, shuffle
+    def __init__(self, loop: PlainLoop, train: bool) -> None:
+        self.loop, self.train = loop, train
 
     def __len__(self) -> int:
-        return len(self.loop.bounds) if self.shuffle else 1
+        return len(self.loop.bounds) if self.train else 1
 
-    def __iter__(self):
-        loop = self.loop
-        if not self.shuffle:
-            yield loop.val_images, loop.val_labels
-            return
-        order = torch.randperm(len(loop.labels), generator=loop.generator).to(loop.labels.device)
-        images, labels = loop.images[order], loop.labels[order]
-        for start, end in loop.bounds:
-            yield images[start:end], labels[start:end]
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.loop.batches() if self.train else iter([(self.loop.val_images, self.loop.val_labels)])
 
 
 class BareLightning(pl.LightningModule):
-    """The plain loop inside Lightning's Trainer and nothing else: its net, optimizer and batches, no metric, no log,
-    no callback, no checkpoint, no progress bar. Its time is the floor of any Lightning run on this machine."""
+    """The plain loop inside Lightning's Trainer and nothing else: its net, optimizer, batches and validation, no
+    metric, no log, no callback, no checkpoint, no progress bar. Its time is the floor of any Lightning run here."""
 
     def __init__(self, loop: PlainLoop) -> None:
         super().__init__()
@@ -139,8 +143,7 @@ class BareLightning(pl.LightningModule):
         return F.cross_entropy(self.net(batch[0]), batch[1])
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        logits = self.net(batch[0])
-        float(F.cross_entropy(logits, batch[1])), float((logits.argmax(1) == batch[1]).float().mean())
+        self.loop.validate()
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self.loop.optimizer
@@ -230,7 +233,7 @@ def time_bare(case: Case, data: dict[str, tuple[torch.Tensor, torch.Tensor]], sa
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0,
     )  # fmt: skip
-    trainer.fit(BareLightning(loop), SliceLoader(loop, shuffle=True), SliceLoader(loop, shuffle=False))
+    trainer.fit(BareLightning(loop), SliceLoader(loop, train=True), SliceLoader(loop, train=False))
     case.bare.setdefault(threads, []).extend(clock.epoch_seconds()[warmup:])
 
 
