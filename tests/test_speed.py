@@ -6,15 +6,21 @@ import sys
 import weakref
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from conftest import ENV, ROOT, compose_train
 from hydra.utils import instantiate
 from pytorch_lightning.callbacks import ProgressBar
+from pytorch_lightning.profilers import SimpleProfiler
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 import descent.model
+from descent.data.datamodule import ImageDataModule
+from descent.data.sources import build_source
+from descent.data.splits import train_val_test
 from descent.model import MLP, Classifier
+from descent.overhead import NoProfiler
 from descent.reliability import BackgroundCheckpointIO, GracefulStop
 from descent.results import EpochHistory
 from descent.train import (
@@ -117,6 +123,75 @@ def test_a_users_trainer_keeps_its_progress_bar(tmp_path):
     trainer = build_trainer(compose_train(), tmp_path, EpochHistory(tmp_path / "m.csv"), GracefulStop(tmp_path / "l"))
     bars = [callback for callback in trainer.callbacks if isinstance(callback, ProgressBar)]
     assert len(bars) == 1 and bars[0].is_enabled and bars[0].refresh_rate > 0
+
+
+def test_no_profiler_costs_nothing_by_default_and_a_chosen_one_is_kept(tmp_path):
+    def profiler(*overrides: str):
+        cfg = compose_train(*overrides)
+        return build_trainer(cfg, tmp_path, EpochHistory(tmp_path / "m.csv"), GracefulStop(tmp_path / "l")).profiler
+
+    assert type(profiler()) is NoProfiler
+    with profiler().profile("a hook") as inside:  # what Lightning does around each hook call
+        assert inside is None
+    assert type(profiler("trainer.profiler=simple")) is SimpleProfiler
+
+
+def test_lightnings_hook_name_is_set_without_nn_module_checks(monkeypatch):
+    model, probe = classifier(), torch.nn.Linear(1, 1)
+    seen = []
+    checked = torch.nn.Module.__setattr__
+
+    def recording(self, name, value):
+        seen.append(name)
+        checked(self, name, value)
+
+    monkeypatch.setattr(torch.nn.Module, "__setattr__", recording)
+    model._current_fx_name = "training_step"
+    model.probe = probe  # anything else still goes through nn.Module (a submodule is registered)
+    assert model._current_fx_name == "training_step" and "probe" in model._modules
+    assert seen == ["probe"]
+
+
+def test_batches_already_on_the_device_are_not_moved_again():
+    cfg = compose_train("data=synthetic")
+    source = build_source(cfg.data)
+    datamodule = ImageDataModule(source, train_val_test(source.labels, (0.6, 0.2, 0.2), 0), 8, 16, 0)
+    on_device = (torch.zeros(2, 3), torch.zeros(2, dtype=torch.long))
+    assert datamodule.transfer_batch_to_device(on_device, torch.device("cpu"), 0) is on_device
+    moved = datamodule.transfer_batch_to_device(on_device, torch.device("meta"), 0)  # elsewhere: Lightning moves it
+    assert [part.device.type for part in moved] == ["meta", "meta"]
+
+
+class OneBatch(pl.LightningModule):
+    """Classifier's gradient clipping in a Trainer, on one fixed batch, with plain SGD."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = Classifier([2, 2], 3, [8], batch_norm=False, dropout=0.0, activation="relu", optimizer={})
+
+    def training_step(self, batch, batch_idx):
+        return self.model.training_step(batch, batch_idx)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        self.model.configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1.0)
+
+
+@pytest.mark.parametrize("clip", [None, 1e-6])
+def test_gradient_clipping_still_clips_when_asked(clip):
+    torch.manual_seed(0)
+    module = OneBatch()
+    before = [p.detach().clone() for p in module.parameters()]
+    batch = torch.utils.data.TensorDataset(torch.randn(16, 2, 2), torch.randint(0, 3, (16,)))
+    trainer = pl.Trainer(max_steps=1, gradient_clip_val=clip, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    module.model.trainer = trainer
+    trainer.fit(module, torch.utils.data.DataLoader(batch, batch_size=16))
+    moved = sum(float((p.detach() - b).norm()) for p, b in zip(module.parameters(), before, strict=True))
+    # one SGD step of lr 1: without clipping the weights move by the gradient's norm; clipped, by at most 1e-6 each
+    assert moved < 1e-5 if clip else moved > 1e-2
 
 
 class Node:

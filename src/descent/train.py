@@ -142,9 +142,12 @@ def build_trainer(
     loggers = build_loggers(cfg, run_dir, group, job_type)
     callbacks = [*first, history, StepLosses(run_dir / "steps.csv"), FinishWandbOnError(stopper), run_state(cfg),
                  stopper, *build_callbacks(cfg.callbacks, run_dir, has_logger=bool(loggers))]  # fmt: skip
+    from descent.overhead import NoProfiler
+
     trainer = instantiate(
         cfg.trainer,
         callbacks=callbacks,
+        profiler=cfg.trainer.get("profiler") or NoProfiler(),
         plugins=plugins(),
         logger=loggers or False,
         default_root_dir=str(run_dir),
