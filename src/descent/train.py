@@ -132,18 +132,18 @@ def build_trainer(
     first: tuple[Any, ...] = (),
 ) -> Any:
     """The Trainer of `trainer.*`: the run's own callbacks (`first`, the epoch history, the step losses, the run
-    state, the signal stopper), those of `callbacks.*`, the loggers of `logger.*` and the checkpoint plugins.
+    state, the signal stopper), those of `callbacks.*`, the loggers of `logger.*`, the checkpoint plugins, and with
+    `trainer.profiler: null` a profiler that costs nothing (descent.overhead).
     `scripts/bench.py` builds its Trainer here too, so that it measures what a user's run gets."""
     from hydra.utils import instantiate
     from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar
 
     from descent.loggers import FinishWandbOnError, build_loggers
+    from descent.overhead import NoProfiler
 
     loggers = build_loggers(cfg, run_dir, group, job_type)
     callbacks = [*first, history, StepLosses(run_dir / "steps.csv"), FinishWandbOnError(stopper), run_state(cfg),
                  stopper, *build_callbacks(cfg.callbacks, run_dir, has_logger=bool(loggers))]  # fmt: skip
-    from descent.overhead import NoProfiler
-
     trainer = instantiate(
         cfg.trainer,
         callbacks=callbacks,

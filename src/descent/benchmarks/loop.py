@@ -273,8 +273,9 @@ def report(cases: list[Case], startup: list[float], n_train: int, args: argparse
         title=f"descent against a plain PyTorch loop, {device}: median of {args.repeats} interleaved repeats x "
         f"{args.epochs} epochs (after {args.warmup} warm-up)",
         caption=f"plain: tensor slices, {optimizer}, validation each epoch; bare Lightning: the plain loop's model, "
-        "optimizer and slices in Lightning's Trainer as it comes, with no metric, log, callback or checkpoint; ratios: s/epoch over plain's; (Nt): torch threads; samples/s: training samples per second "
-        "of epoch; batch 1 runs without batch norm everywhere",
+        "optimizer and slices in Lightning's Trainer as it comes, with no metric, log, callback or checkpoint; "
+        "ratios: s/epoch over plain's; (Nt): torch threads; samples/s: training samples per second of epoch; batch 1 "
+        "runs without batch norm everywhere",
         box=box.SIMPLE_HEAD,
     )
     for column in ("batch", "steps", "plain\ns/epoch", "bare Lightning\ns/epoch", "descent\ns/epoch",
