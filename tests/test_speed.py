@@ -10,12 +10,14 @@ import pytorch_lightning as pl
 import torch
 from conftest import ENV, ROOT, compose_train
 from hydra.utils import instantiate
+from pytorch_lightning import callbacks
 from pytorch_lightning.callbacks import ProgressBar
 from pytorch_lightning.profilers import SimpleProfiler
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 import descent.model
+from descent.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar
 from descent.data.datamodule import ImageDataModule
 from descent.data.sources import build_source
 from descent.data.splits import train_val_test
@@ -192,6 +194,65 @@ def test_gradient_clipping_still_clips_when_asked(clip):
     moved = sum(float((p.detach() - b).norm()) for p, b in zip(module.parameters(), before, strict=True))
     # one SGD step of lr 1: without clipping the weights move by the gradient's norm; clipped, by at most 1e-6 each
     assert moved < 1e-5 if clip else moved > 1e-2
+
+
+@pytest.mark.parametrize(
+    ("ours", "lightnings", "settings"),
+    [
+        (ModelCheckpoint, callbacks.ModelCheckpoint, {"monitor": "val/acc", "mode": "max"}),
+        (ModelCheckpoint, callbacks.ModelCheckpoint, {"monitor": None}),
+        (EarlyStopping, callbacks.EarlyStopping, {"monitor": "val/loss"}),
+    ],
+)
+def test_callbacks_build_their_state_key_once_and_keep_lightnings(monkeypatch, ours, lightnings, settings):
+    built = []
+    generate = lightnings._generate_state_key
+    monkeypatch.setattr(lightnings, "_generate_state_key", lambda self, **kw: built.append(kw) or generate(self, **kw))
+    callback = ours(**settings)
+    keys = {callback.state_key for _ in range(5)}  # Lightning reads it at every hook call
+    assert keys == {lightnings(**settings).state_key}  # checkpoints of either class load into the other
+    assert len(built) == 2  # ours once, Lightning's once
+
+
+class BarProbe(pl.Callback):
+    """After the bar's own hooks: how many times its training task was updated, and where it ended each epoch."""
+
+    def __init__(self, bar: RichProgressBar) -> None:
+        self.bar, self.updates, self.ends = bar, 0, []
+        update = bar._update
+
+        def counted(task, current, *args, **kwargs):
+            self.updates += task == bar.train_progress_bar_id
+            update(task, current, *args, **kwargs)
+
+        bar._update = counted
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        task = next(t for t in self.bar.progress.tasks if t.id == self.bar.train_progress_bar_id)
+        self.ends.append((task.completed, task.total))
+
+
+class Tiny(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 1)
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch[0]).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def test_the_bar_updates_its_task_once_per_redraw_and_ends_each_epoch_complete():
+    bar = RichProgressBar(refresh_rate=1)  # one redraw a second: 2 x 300 tiny steps fit in a few of them
+    probe = BarProbe(bar)
+    data = torch.utils.data.TensorDataset(torch.zeros(300, 2))
+    trainer = pl.Trainer(max_epochs=2, callbacks=[bar, probe], logger=False, enable_checkpointing=False,
+                         enable_model_summary=False)  # fmt: skip
+    trainer.fit(Tiny(), torch.utils.data.DataLoader(data, batch_size=1))
+    assert probe.ends == [(300, 300), (300, 300)]
+    assert 2 <= probe.updates < 20  # Lightning's bar: 600, one per batch
 
 
 class Node:
