@@ -229,7 +229,7 @@ class BarProbe(pl.Callback):
 
     def on_train_epoch_end(self, trainer, pl_module):
         task = next(t for t in self.bar.progress.tasks if t.id == self.bar.train_progress_bar_id)
-        self.ends.append((task.completed, task.total))
+        self.ends.append((task.completed, task.total, task.speed is not None and task.speed > 0))
 
 
 class Tiny(pl.LightningModule):
@@ -244,15 +244,15 @@ class Tiny(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.0)
 
 
-def test_the_bar_updates_its_task_once_per_redraw_and_ends_each_epoch_complete():
+def test_the_bar_updates_its_task_once_per_redraw_and_ends_each_epoch_complete_with_its_speed():
     bar = RichProgressBar(refresh_rate=1)  # one redraw a second: 2 x 300 tiny steps fit in a few of them
     probe = BarProbe(bar)
     data = torch.utils.data.TensorDataset(torch.zeros(300, 2))
     trainer = pl.Trainer(max_epochs=2, callbacks=[bar, probe], logger=False, enable_checkpointing=False,
                          enable_model_summary=False)  # fmt: skip
     trainer.fit(Tiny(), torch.utils.data.DataLoader(data, batch_size=1))
-    assert probe.ends == [(300, 300), (300, 300)]
-    assert 2 <= probe.updates < 20  # Lightning's bar: 600, one per batch
+    assert probe.ends == [(300, 300, True), (300, 300, True)]  # complete, with a speed (it/s) measured
+    assert 4 <= probe.updates < 20  # Lightning's bar: 600, one per batch
 
 
 class Node:

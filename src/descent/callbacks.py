@@ -38,8 +38,8 @@ class EarlyStopping(callbacks.EarlyStopping):
 
 class RichProgressBar(callbacks.RichProgressBar):
     """Lightning's RichProgressBar, its training task updated at most once per redraw (`refresh_rate` a second) and
-    at each epoch's last batch: Lightning's updates it after every batch (~15 us a step) for a screen that shows
-    one of those updates in dozens."""
+    at each epoch's first and last batch (its speed, it/s, is measured between updates): Lightning's updates it after
+    every batch (~15 us a step) for a screen that shows one of those updates in dozens."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -48,7 +48,7 @@ class RichProgressBar(callbacks.RichProgressBar):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:  # fmt: skip
         now = time.perf_counter()
-        if now < self._next_update and batch_idx + 1 < self.total_train_batches:
+        if now < self._next_update and 0 < batch_idx < self.total_train_batches - 1:
             return
         self._next_update = now + 1 / self.refresh_rate if self.refresh_rate > 0 else 0.0
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
