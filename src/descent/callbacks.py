@@ -14,26 +14,24 @@ import pytorch_lightning as pl
 from pytorch_lightning import callbacks
 
 
-class ModelCheckpoint(callbacks.ModelCheckpoint):
-    """Lightning's ModelCheckpoint, its `state_key` built once: Lightning's formats its settings into a string at
-    every hook call (~0.8 us, ~12 times a step for two of them). The key is the same string, so checkpoints of
-    either class load into the other."""
-
-    @property
-    def state_key(self) -> str:
-        if "_state_key" not in self.__dict__:  # its settings are fixed by __init__
-            self.__dict__["_state_key"] = super().state_key
-        return self.__dict__["_state_key"]
-
-
-class EarlyStopping(callbacks.EarlyStopping):
-    """Lightning's EarlyStopping, its `state_key` built once (see ModelCheckpoint)."""
+class StateKeyOnce:
+    """Builds a callback's `state_key` once: Lightning's formats the callback's settings into a string at every hook
+    call (~0.8 us, ~6 times a step per callback). The settings in it are fixed by __init__, and the key is the same
+    string, so checkpoints of Lightning's class and of ours load into either."""
 
     @property
     def state_key(self) -> str:
         if "_state_key" not in self.__dict__:
             self.__dict__["_state_key"] = super().state_key
         return self.__dict__["_state_key"]
+
+
+class ModelCheckpoint(StateKeyOnce, callbacks.ModelCheckpoint):
+    """Lightning's ModelCheckpoint, its `state_key` built once."""
+
+
+class EarlyStopping(StateKeyOnce, callbacks.EarlyStopping):
+    """Lightning's EarlyStopping, its `state_key` built once."""
 
 
 class RichProgressBar(callbacks.RichProgressBar):
