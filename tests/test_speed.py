@@ -255,6 +255,38 @@ def test_the_bar_updates_its_task_once_per_redraw_and_ends_each_epoch_complete_w
     assert 4 <= probe.updates < 20  # Lightning's bar: 600, one per batch
 
 
+def test_the_epoch_rows_travel_packed_and_come_back_as_they_were(tmp_path):
+    history = EpochHistory(tmp_path / "metrics.csv")
+    history.rows = [
+        {"epoch": 0, "step": 34, "time_s": 0.5, "train/loss": 0.7, "val/acc": 0.9, "lr": 0.001},
+        {"epoch": 1, "step": 68, "time_s": 1.0, "train/loss": float("nan"), "lr": 0.001},  # diverged, no val/acc
+    ]
+    first = history.state_dict()
+    history.rows.append({"epoch": 2, "step": 102, "time_s": 1.5, "train/loss": 0.5, "val/acc": 0.95, "lr": 0.0005})
+    state = history.state_dict()
+    assert isinstance(state["values"], torch.Tensor) and state["values"].shape == (3, len(state["columns"]))
+    assert torch.allclose(state["values"][:2], first["values"], equal_nan=True)  # the rows packed before are kept
+    resumed = EpochHistory(tmp_path / "other.csv")
+    resumed.load_state_dict(torch.load(save_and_read(state, tmp_path), weights_only=True))
+    assert [list(row) for row in resumed.rows] == [list(row) for row in history.rows]  # same keys, same order
+    assert [type(row["epoch"]) for row in resumed.rows] == [int, int, int]
+    for got, want in zip(resumed.rows, history.rows, strict=True):
+        assert got == pytest.approx(want, nan_ok=True)
+
+
+def save_and_read(state: dict, folder) -> str:
+    path = folder / "state.pt"
+    torch.save(state, path)
+    return str(path)
+
+
+def test_epoch_rows_saved_as_dicts_by_an_earlier_version_still_load(tmp_path):
+    rows = [{"epoch": 0, "step": 34, "time_s": 0.5, "val/acc": 0.9, "lr": 0.001}]
+    history = EpochHistory(tmp_path / "metrics.csv")
+    history.load_state_dict({"rows": rows, "elapsed": 0.5, "lr": 0.001})
+    assert history.rows == rows and history.state_dict()["values"].shape == (1, len(history.state_dict()["columns"]))
+
+
 class Node:
     def __init__(self, next_node: "Node | None" = None) -> None:
         self.next = next_node

@@ -45,6 +45,7 @@ class EpochHistory(pl.Callback):
         self._started = 0.0
         self._lr = float("nan")
         self._written = 0  # rows already in metrics.csv: later epochs append theirs
+        self._packed = _no_rows()  # the first rows as state_dict packed them: (values, present)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._started = time.perf_counter()
@@ -78,11 +79,22 @@ class EpochHistory(pl.Callback):
         self._written = len(self.rows)
 
     def state_dict(self) -> dict[str, Any]:
+        """The rows as one float64 tensor over COLUMNS and a mask of the values each row has: as dicts, torch.save
+        would pickle ~23 objects a row, and every epoch's last.ckpt would take longer to write than the one before
+        (+0.6 ms at epoch 200). Rows already packed are kept, so a save packs only the new ones."""
         elapsed = self._elapsed_before + (time.perf_counter() - self._started if self._started else 0.0)
-        return {"rows": self.rows, "elapsed": elapsed, "lr": self._lr}
+        values, present = self._packed
+        if len(values) < len(self.rows):
+            new = self.rows[len(values) :]
+            values = torch.cat([values, torch.tensor([[row.get(key, math.nan) for key in COLUMNS] for row in new],
+                                                     dtype=torch.float64)])  # fmt: skip
+            present = torch.cat([present, torch.tensor([[key in row for key in COLUMNS] for row in new])])
+            self._packed = values, present
+        return {"columns": list(COLUMNS), "values": values, "present": present, "elapsed": elapsed, "lr": self._lr}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.rows = list(state_dict["rows"])
+        self.rows = _unpacked(state_dict) if "values" in state_dict else list(state_dict["rows"])  # or as dicts
+        self._packed = _no_rows()
         self._written = 0
         self._elapsed_before = float(state_dict["elapsed"])
         self._lr = state_dict.get("lr", self._lr)  # a mid-epoch resume skips on_train_epoch_start
@@ -91,6 +103,22 @@ class EpochHistory(pl.Callback):
         """The row with the highest val/acc, the first one on ties, as ModelCheckpoint(mode=max) keeps it."""
         scored = [row for row in self.rows if math.isfinite(row.get("val/acc", math.nan))]
         return max(scored, key=lambda row: row["val/acc"]) if scored else None
+
+
+def _no_rows() -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.zeros(0, len(COLUMNS), dtype=torch.float64), torch.zeros(0, len(COLUMNS), dtype=torch.bool)
+
+
+INTEGER_COLUMNS = ("epoch", "step")
+
+
+def _unpacked(state: dict[str, Any]) -> list[dict[str, float]]:
+    """EpochHistory's rows back from their packed form: the values each row had, epoch and step as ints."""
+    rows = []
+    for values, present in zip(state["values"].tolist(), state["present"].tolist(), strict=True):
+        row = {key: value for key, value, has in zip(state["columns"], values, present, strict=True) if has}
+        rows.append({key: int(value) if key in INTEGER_COLUMNS else value for key, value in row.items()})
+    return rows
 
 
 class StepLosses(pl.Callback):
