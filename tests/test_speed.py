@@ -287,6 +287,32 @@ def test_epoch_rows_saved_as_dicts_by_an_earlier_version_still_load(tmp_path):
     assert history.rows == rows and history.state_dict()["values"].shape == (1, len(history.state_dict()["columns"]))
 
 
+@pytest.mark.parametrize("bar", [RichProgressBar, callbacks.RichProgressBar])
+def test_the_bar_is_drawn_by_its_refresh_thread_not_at_every_epoch(monkeypatch, bar):
+    import threading
+
+    from rich.live import Live
+
+    drawn = []
+    draw = Live.refresh
+
+    def counted(self):
+        drawn.append(threading.current_thread() is threading.main_thread())
+        draw(self)
+
+    monkeypatch.setattr(Live, "refresh", counted)
+    data = torch.utils.data.TensorDataset(torch.zeros(10, 2))
+    trainer = pl.Trainer(max_epochs=5, callbacks=[bar(refresh_rate=1)], logger=False, enable_checkpointing=False,
+                         enable_model_summary=False)  # fmt: skip
+    trainer.fit(Tiny(), torch.utils.data.DataLoader(data, batch_size=1))
+    # rich draws at once when Lightning adds or resets a task (twice an epoch); ours leaves it to the refresh thread,
+    # and the training thread only draws the last frame when the bar stops
+    if bar is RichProgressBar:
+        assert sum(drawn) <= 2
+    else:
+        assert sum(drawn) >= 5  # the same check sees Lightning's draws, at least one an epoch
+
+
 class Node:
     def __init__(self, next_node: "Node | None" = None) -> None:
         self.next = next_node
