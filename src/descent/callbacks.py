@@ -15,7 +15,7 @@ from pytorch_lightning import callbacks
 
 
 class StateKeyOnce:
-    """Builds a callback's `state_key` once: Lightning's formats the callback's settings into a string at every hook
+    """Builds a callback's `state_key` once: Lightning formats the callback's settings into a string at every hook
     call (~0.8 us, ~6 times a step per callback). The settings in it are fixed by __init__, and the key is the same
     string, so checkpoints of Lightning's class and of ours load into either."""
 

@@ -29,6 +29,7 @@ COLUMNS = (
     "val/f1",
     "lr",
 )
+INTEGER_COLUMNS = ("epoch", "step")  # written as ints in metrics.csv
 
 
 class EpochHistory(pl.Callback):
@@ -107,9 +108,6 @@ class EpochHistory(pl.Callback):
 
 def _no_rows() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.zeros(0, len(COLUMNS), dtype=torch.float64), torch.zeros(0, len(COLUMNS), dtype=torch.bool)
-
-
-INTEGER_COLUMNS = ("epoch", "step")
 
 
 def _unpacked(state: dict[str, Any]) -> list[dict[str, float]]:
