@@ -17,7 +17,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 import descent.model
-from descent.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar
+from descent.callbacks import EarlyStopping, ModelCheckpoint, PromptRefreshThread, RichProgressBar
 from descent.data.datamodule import ImageDataModule
 from descent.data.sources import build_source
 from descent.data.splits import train_val_test
@@ -311,6 +311,59 @@ def test_the_bar_is_drawn_by_its_refresh_thread_not_at_every_epoch(monkeypatch, 
         assert sum(drawn) <= 2
     else:
         assert sum(drawn) >= 5  # the same check sees Lightning's draws, at least one an epoch
+
+
+class FakeLive:
+    """What a refresh thread uses of rich's Live: its lock and refresh()."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self._lock, self.refreshes = threading.RLock(), 0
+
+    def refresh(self) -> None:
+        self.refreshes += 1
+
+
+def test_the_refresh_thread_draws_when_asked_and_ends_as_soon_as_it_is_stopped():
+    live = FakeLive()
+    thread = PromptRefreshThread(live, 100)
+    thread.start()
+    thread.refresh_cond = True  # the bar's soft_refresh
+    for _ in range(1000):
+        if live.refreshes:
+            break
+        thread.join(0.01)
+    assert live.refreshes == 1 and not thread.refresh_cond
+    thread.stop()
+    thread.join(10)
+    assert not thread.is_alive()
+    paused = PromptRefreshThread(FakeLive(), 1e-6)  # a pause of 1e6 s between redraws
+    paused.start()
+    paused.stop()
+    paused.join(10)  # Lightning's thread would sleep out its pause here
+    assert not paused.is_alive()
+
+
+def test_the_bar_runs_on_a_refresh_thread_that_is_gone_when_fit_and_test_end():
+    seen = []
+
+    class Spy(pl.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            seen.append(bar.progress.live._refresh_thread)
+
+        on_test_batch_end = on_train_batch_end
+
+    bar = RichProgressBar(refresh_rate=1)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(4, 2)), batch_size=2)
+    trainer = pl.Trainer(max_epochs=1, callbacks=[bar, Spy()], logger=False, enable_checkpointing=False,
+                         enable_model_summary=False)  # fmt: skip
+    module = Tiny()
+    module.test_step = lambda batch, batch_idx: None
+    trainer.fit(module, data)
+    trainer.test(module, data, verbose=False)
+    assert len(seen) == 4 and all(type(thread) is PromptRefreshThread for thread in seen)
+    assert not any(thread.is_alive() for thread in seen)  # stopped and joined by the bar, which waited for nothing
 
 
 class Node:
