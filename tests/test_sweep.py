@@ -13,7 +13,7 @@ import torch
 from conftest import ENV, FAST, ROOT, compose_train, results_of, run_script
 
 from descent.data.datamodule import TensorBatches
-from descent.sweep import claim_gpu, finished_results, write_summary
+from descent.sweep import claim_gpu, finished_results, print_summary, write_summary
 
 
 def sweep(sweep_dir: Path, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -50,6 +50,19 @@ def test_the_summary_of_an_interrupted_sweep_has_every_job_folder_best_first(tmp
     markdown = (tmp_path / "summary.md").read_text()
     assert "Every job: `seed=1`" in markdown and markdown.count("\n| ") == 1 + 4
     assert [row["optimizer"] for row in summary_rows(tmp_path)] == ["adam", "sgd", "rmsprop", "momentum"]
+
+
+def test_the_printed_summary_keeps_swept_keys_whole_in_80_columns(tmp_path):
+    from rich.console import Console
+
+    for job, (optimizer, dropout) in enumerate([("adam", 0.0), ("adam", 0.2), ("sgd", 0.0), ("sgd", 0.2)]):
+        fake_job(tmp_path, str(job), [f"optimizer={optimizer}", f"model.dropout={dropout}"], "ok", 0.9 + job / 100)
+    console = Console(width=80, record=True, force_terminal=False)
+    print_summary(tmp_path, *write_summary(tmp_path), console=console)
+    lines = console.export_text().splitlines()
+    header = " ".join(lines[1:4])  # under the title
+    assert "model." in header and "dropout" in header and "optimizer" in header  # broken after the dot, else whole
+    assert all(len(line) <= 80 for line in lines) and sum(" ok " in line for line in lines) == 4
 
 
 def test_the_summary_command_rebuilds_it_and_refuses_a_folder_without_jobs(tmp_path):
@@ -116,7 +129,7 @@ def test_a_sweep_writes_a_summary_row_per_job(tmp_path):
     assert accuracies == sorted(accuracies, reverse=True)
     assert all(float(row["duration_s"]) > 0 and float(row["peak_rss_mb"]) > 0 for row in rows)
     assert (tmp_path / "summary.md").read_text().count("| ok |") == 4
-    assert len(re.findall(r"│ ok ", process.stdout)) == 4  # the rich table
+    assert len(re.findall(r" ok +0\.\d{4} ", process.stdout)) == 4  # the rich table: status, val/acc
 
 
 @pytest.mark.slow

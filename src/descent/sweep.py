@@ -129,23 +129,25 @@ def summary_markdown(columns: list[str], rows: list[dict[str, Any]]) -> list[str
     return lines
 
 
-def print_summary(sweep_dir: Path, columns: list[str], rows: list[dict[str, Any]]) -> None:
-    """The summary as a rich table, narrowed to what fits a terminal (the files have every column), then each failed
-    job's error on a line of its own: in a column, a long message would squeeze the numbers out of an 80-column
-    terminal."""
+def print_summary(sweep_dir: Path, columns: list[str], rows: list[dict[str, Any]], console: Any = None) -> None:
+    """The summary as a rich table on `console` (default: the terminal), narrowed to what fits a terminal (the files
+    have every column), then each failed job's error on a line of its own: in a column, a long message would squeeze
+    the numbers out of an 80-column terminal. A swept key's header breaks after its dots (`model.` over `dropout`),
+    where rich would cut it anywhere to fit."""
+    from rich import box
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
     shown = [column for column in columns if column not in ("val/loss", "test/loss", "train/acc", "train/loss",
                                                             "best_epoch", "peak_rss_mb", "error")]  # fmt: skip
-    table = Table(title=f"{sweep_dir}: {len(rows)} jobs, best val/acc first")
+    table = Table(title=f"{sweep_dir}: {len(rows)} jobs, best val/acc first", box=box.SIMPLE_HEAD, show_edge=False)
     styles = {"ok": "green", "diverged": "yellow"}
     for column in shown:
-        table.add_column(column, overflow="fold")
+        table.add_column(escape(column.replace(".", ".\n")), overflow="fold")
     for row in rows:
         table.add_row(*(_show(row.get(column), column) for column in shown), style=styles.get(row["status"], "red"))
-    console = Console()
+    console = console or Console()
     console.print(table)
     for row in rows:
         if row.get("error"):
