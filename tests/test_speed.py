@@ -22,7 +22,7 @@ from descent.data.datamodule import ImageDataModule
 from descent.data.sources import build_source
 from descent.data.splits import train_val_test
 from descent.model import MLP, Classifier
-from descent.overhead import NoProfiler
+from descent.overhead import LeanHooks, NoProfiler
 from descent.reliability import BackgroundCheckpointIO, GracefulStop
 from descent.results import EpochHistory
 from descent.train import (
@@ -406,6 +406,29 @@ def test_adam_configs_use_the_fused_kernel(name):
     assert optimizer.defaults["fused"] is True
 
 
+@pytest.mark.parametrize("floor", [False, True])
+def test_the_bench_floor_is_bare_lightning_with_our_runs_cuts(monkeypatch, floor):
+    from descent.benchmarks.loop import Case, compose_config, in_memory, time_bare
+
+    seen = {}
+    fit = pl.Trainer.fit
+
+    def spy(self, module, *args, **kwargs):
+        seen.update(profiler=type(self.profiler), module=module)
+        return fit(self, module, *args, **kwargs)
+
+    monkeypatch.setattr(pl.Trainer, "fit", spy)
+    case = Case("full", compose_config("full", 1), [])
+    source = build_source(case.cfg.data)
+    data = in_memory(source, train_val_test(source.labels, (0.6, 0.2, 0.2), 0), torch.device("cpu"))
+    time_bare(case, data, False, 1, 0, 2, floor=floor)
+    assert len((case.floor if floor else case.bare)[1]) == 2 and not (case.bare if floor else case.floor)
+    assert (seen["profiler"] is NoProfiler) == floor and isinstance(seen["module"], LeanHooks) == floor
+    batch = (torch.zeros(2, 3), torch.zeros(2))
+    if floor:  # batches on the device stay as they are, as ImageDataModule leaves them for our run
+        assert seen["module"].transfer_batch_to_device(batch, torch.device("cpu"), 0) is batch
+
+
 @pytest.mark.slow
 def test_bench_prints_the_table_and_ends_with_the_ratio_line():
     import subprocess
@@ -419,5 +442,5 @@ def test_bench_prints_the_table_and_ends_with_the_ratio_line():
     lines = process.stdout.strip().splitlines()
     assert re.fullmatch(r"overhead ratio at batch size 32: \d+\.\d\d", lines[-1])
     for size in ("1", "32", "256", "full"):
-        row = rf" +{size} +\d+ +\d\.\d+ \(\dt\) +\d\.\d+ +\d\.\d+ \(\dt\) +[\d,]+ +\d+\.\d\d +\d+\.\d\d +<= "
-        assert any(re.match(row, line) for line in lines), process.stdout  # plain, bare Lightning, descent, ratios
+        row = rf" +{size} +\d+ +\d\.\d+ \(\dt\) +\d\.\d+ +\d\.\d+ \(\dt\) +[\d,]+( +\d+\.\d\d){{3}} +<= "
+        assert any(re.match(row, line) for line in lines), process.stdout  # plain, bare, descent; bare, floor, ratio

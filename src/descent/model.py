@@ -20,6 +20,8 @@ from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 
+from descent.overhead import LeanHooks
+
 METRIC_FLUSH_STEPS = 256  # bounds what waits for torchmetrics to 256 batches of predictions and labels
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
@@ -72,8 +74,9 @@ def _stage_metrics(num_classes: int) -> MetricCollection:
     )
 
 
-class Classifier(pl.LightningModule):
-    """Standardize the pixels (training-split statistics, kept as buffers), then classify them with an MLP."""
+class Classifier(LeanHooks, pl.LightningModule):
+    """Standardize the pixels (training-split statistics, kept as buffers), then classify them with an MLP.
+    LeanHooks cuts two of Lightning's per-step costs (descent.overhead)."""
 
     def __init__(
         self,
@@ -102,14 +105,6 @@ class Classifier(pl.LightningModule):
         self._pending: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {
             stage: [] for stage in ("train", "val", "test")
         }
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        """Lightning sets `_current_fx_name` around each of its ~45 hook calls a step; nn.Module's checks for
-        parameters, buffers and submodules cost ~0.9 us a time there, and a hook's name is never one of those."""
-        if name == "_current_fx_name":
-            object.__setattr__(self, name, value)
-        else:
-            super().__setattr__(name, value)
 
     def set_standardization(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         self.mean.copy_(torch.as_tensor(mean).flatten())
@@ -167,15 +162,6 @@ class Classifier(pl.LightningModule):
         self._pending = {
             stage: [tuple(part.to(device) for part in step) for step in state.get(stage, [])] for stage in self._pending
         }
-
-    def configure_gradient_clipping(
-        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
-        gradient_clip_algorithm: str | None = None,
-    ) -> None:  # fmt: skip
-        """Lightning's clipping (`trainer.gradient_clip_val`), whose checks it runs every step even with no clipping
-        configured (~7 us); with none, nothing is done."""
-        if gradient_clip_val:
-            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         loss = self._step(batch, "train")
