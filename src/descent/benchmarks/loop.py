@@ -39,7 +39,7 @@ from descent.data.datamodule import batch_bounds, feature_stats
 from descent.data.sources import build_source
 from descent.data.splits import train_val_test
 from descent.model import MLP
-from descent.overhead import LeanHooks, NoProfiler
+from descent.overhead import LeanHooks, NoProfiler, already_on
 from descent.reliability import GracefulStop
 from descent.results import EpochHistory
 from descent.train import (
@@ -157,8 +157,7 @@ class LightningFloor(LeanHooks, BareLightning):
     on the device not moved again (what ImageDataModule does for our run)."""
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        return batch if all(part.device == device for part in batch) else super().transfer_batch_to_device(
-            batch, device, dataloader_idx)  # fmt: skip
+        return batch if already_on(batch, device) else super().transfer_batch_to_device(batch, device, dataloader_idx)
 
 
 class EpochClock(pl.Callback):

@@ -23,6 +23,7 @@ import torch
 from descent.config import ConfigError
 from descent.data.sources import Source
 from descent.data.splits import Split
+from descent.overhead import already_on
 
 log = logging.getLogger("descent")
 
@@ -249,10 +250,8 @@ class ImageDataModule(pl.LightningDataModule):
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         """In-memory parts already live on the training device (`setup`): their batches skip Lightning's generic
-        move (~8 us a step); streamed batches, read on the CPU, take it."""
-        if isinstance(batch, tuple) and all(isinstance(part, torch.Tensor) and part.device == device for part in batch):
-            return batch
-        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+        move; streamed batches, read on the CPU, take it."""
+        return batch if already_on(batch, device) else super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def _batches(self, part: str, batch_size: int, shuffle: bool) -> TensorBatches | StreamingBatches:
         trainer = self.trainer
