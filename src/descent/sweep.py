@@ -20,10 +20,13 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 log = logging.getLogger("descent")
 
@@ -129,7 +132,9 @@ def summary_markdown(columns: list[str], rows: list[dict[str, Any]]) -> list[str
     return lines
 
 
-def print_summary(sweep_dir: Path, columns: list[str], rows: list[dict[str, Any]], console: Any = None) -> None:
+def print_summary(
+    sweep_dir: Path, columns: list[str], rows: list[dict[str, Any]], console: Console | None = None
+) -> None:
     """The summary as a rich table on `console` (default: the terminal), narrowed to what fits a terminal (the files
     have every column), then each failed job's error on a line of its own: in a column, a long message would squeeze
     the numbers out of an 80-column terminal. A swept key's header breaks after its dots (`model.` over `dropout`),

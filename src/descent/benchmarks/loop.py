@@ -193,20 +193,9 @@ class Case:
     plain: dict[int, list[float]] = field(default_factory=dict)
     loops: dict[int, PlainLoop] = field(default_factory=dict)
 
-    def plain_best(self) -> tuple[int, float]:
-        """The plain loop's best thread count and its median seconds per epoch."""
-        return _best(self.plain)
 
-    def bare_best(self) -> tuple[int, float]:
-        """Bare Lightning's best thread count and its median seconds per epoch."""
-        return _best(self.bare)
-
-    def floor_best(self) -> tuple[int, float]:
-        """The floor's best thread count and its median seconds per epoch."""
-        return _best(self.floor)
-
-
-def _best(seconds: dict[int, list[float]]) -> tuple[int, float]:
+def fastest(seconds: dict[int, list[float]]) -> tuple[int, float]:
+    """A side's best thread count and its median seconds per epoch (`seconds`: per thread count, as Case keeps them)."""
     return min(((t, statistics.median(s)) for t, s in seconds.items()), key=lambda pair: pair[1])
 
 
@@ -300,8 +289,8 @@ def report(cases: list[Case], startup: list[float], n_train: int, args: argparse
                    "descent\nsamples/s", "bare\nratio", "floor\nratio", "ratio", "goal"):  # fmt: skip
         table.add_column(column, justify="right")
     for case in cases:
-        threads, plain = case.plain_best()
-        ours, bare, floor = statistics.median(case.ours), case.bare_best()[1], case.floor_best()[1]
+        threads, plain = fastest(case.plain)
+        ours, bare, floor = statistics.median(case.ours), fastest(case.bare)[1], fastest(case.floor)[1]
         goal = RATIO_GOALS[case.batch_size]
         table.add_row(
             str(case.batch_size), str(case.steps), f"{plain:.4f} ({threads}t)", f"{bare:.4f}",
@@ -319,7 +308,7 @@ def report(cases: list[Case], startup: list[float], n_train: int, args: argparse
             f"{verdict}"
         )
     case_32 = next(case for case in cases if case.batch_size == 32)
-    print(f"overhead ratio at batch size 32: {statistics.median(case_32.ours) / case_32.plain_best()[1]:.2f}")
+    print(f"overhead ratio at batch size 32: {statistics.median(case_32.ours) / fastest(case_32.plain)[1]:.2f}")
 
 
 def main(argv: list[str]) -> None:
