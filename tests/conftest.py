@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
+from descent import CONF_DIR
+
 ROOT = Path(__file__).resolve().parents[1]
 # one thread per process: two 2-thread torch processes on 2 cores slow a tiny MLP ~200 times (measured)
 ENV = {
@@ -52,5 +54,5 @@ def train(tmp_path: Path):
 
 def compose_train(*overrides: str):
     """The composed train config, as train.py would see it (no Hydra run)."""
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name="train", overrides=list(overrides))

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from descent import CONF_DIR
 from conftest import ENV, FAST, ROOT, results_of, run_script
 
 from descent.data.datamodule import StreamingBatches, TensorBatches
@@ -276,7 +277,7 @@ def test_a_loader_restored_mid_epoch_serves_the_batches_not_yet_seen(kind):
     assert len(list(restored)) == 5  # the next epoch is whole again
 
 
-LOGGERS = sorted(path.stem for path in (ROOT / "conf" / "logger").glob("*.yaml"))
+LOGGERS = sorted(path.stem for path in (CONF_DIR / "logger").glob("*.yaml"))
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from descent import CONF_DIR
 from conftest import ENV, FAST, ROOT, compose_train, results_of, run_script
 
 from descent.data.datamodule import TensorBatches
@@ -111,7 +112,7 @@ def test_experiment_configs_are_ready_for_a_sweep():
     assert cfg.model.batch_norm is False
     from hydra import compose, initialize_config_dir
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         for name, key in (("optimizers", "optimizer"), ("batch_sizes", "data.batch_size")):
             hydra_cfg = compose("train", [f"experiment={name}"], return_hydra_config=True).hydra
             assert key in hydra_cfg.sweeper.params

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from descent import CONF_DIR
 from conftest import ENV, FAST, ROOT, compose_train, results_of
 from wandb.proto import wandb_internal_pb2
 
@@ -163,7 +164,7 @@ def fit_in_one_process(body: str) -> subprocess.CompletedProcess:
     """Several fit_and_test calls in one process, as the CV loop makes them."""
     common = json.dumps([*FAST, "trainer.max_epochs=1", "logger=wandb"])
     return subprocess.run(
-        [sys.executable, "-c", FIT_PRELUDE + body, str(ROOT / "conf"), common],
+        [sys.executable, "-c", FIT_PRELUDE + body, str(CONF_DIR), common],
         cwd=ROOT, env=ENV, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
 

@@ -62,6 +62,42 @@ class MLP(nn.Sequential):
         super().__init__(*layers)
 
 
+class CNN(nn.Module):
+    """[Conv2d 3x3 -> BatchNorm2d -> activation -> Dropout -> MaxPool2d(2)] per entry of `channels`, then a Linear
+    layer of class scores. Takes images flattened (as the Classifier standardizes them) and views them as
+    (N, C, H, W); an (H, W) input shape is one channel. The pooling rounds up, so small images (digits' 8x8) take
+    any number of blocks."""
+
+    def __init__(
+        self,
+        input_shape: list[int],
+        num_classes: int,
+        channels: list[int],
+        batch_norm: bool,
+        dropout: float,
+        activation: str,
+    ) -> None:
+        super().__init__()
+        shape = list(input_shape) if len(input_shape) == 3 else [1, *input_shape]
+        self.input_shape = tuple(shape)
+        layers: list[nn.Module] = []
+        width, height, side = shape
+        for out in channels:
+            layers.append(nn.Conv2d(width, out, kernel_size=3, padding=1, bias=not batch_norm))
+            if batch_norm:
+                layers.append(nn.BatchNorm2d(out))
+            layers.append(ACTIVATIONS[activation]())
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            layers.append(nn.MaxPool2d(2, ceil_mode=True))
+            width, height, side = out, math.ceil(height / 2), math.ceil(side / 2)
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(width * height * side, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x.view(len(x), *self.input_shape)).flatten(1))
+
+
 def _stage_metrics(num_classes: int) -> MetricCollection:
     # validate_args=False: the inputs are ours and well-formed; the checks cost more than the update itself
     return MetricCollection(

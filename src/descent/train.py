@@ -18,6 +18,8 @@ from typing import Any
 
 import hydra
 import torch
+
+import descent
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -36,7 +38,7 @@ from descent.reliability import (
 from descent.results import EpochHistory, StepLosses, is_rank_zero, recorded
 from descent.sweep import claim_gpu, finished_results, objective, write_summary
 
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+CONF_DIR = str(descent.CONF_DIR)
 log = logging.getLogger("descent")
 
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+from descent import CONF_DIR
+
 OPTIMIZERS = ("sgd", "momentum", "rmsprop", "adam", "course_rmsprop", "course_adam")
 # f(x, y) = (CURVATURE_X x^2 + CURVATURE_Y y^2) / 2: with sgd's lr 0.1, y overshoots (0.1 * 18 > 1: it oscillates)
 # while x shrinks by only 2% a step, the course's "oscillations slow convergence"; the start is a few hundred

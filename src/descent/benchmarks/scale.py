@@ -24,6 +24,8 @@ import threading
 import time
 from pathlib import Path
 
+from descent import CONF_DIR
+
 ROOT = Path(__file__).resolve().parents[3]
 POLL_S = 0.05
 
@@ -45,7 +47,7 @@ def write_synthetic(overrides: list[str]) -> None:
 
     from descent.data.sources import load_synthetic
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         load_synthetic(compose(config_name="train", overrides=overrides).data)
 
 
