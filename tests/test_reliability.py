@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from descent import CONF_DIR
 from conftest import ENV, FAST, ROOT, results_of, run_script
 
+from descent import CONF_DIR
 from descent.data.datamodule import StreamingBatches, TensorBatches
 from descent.reliability import AtomicCheckpointIO, BackgroundCheckpointIO, plugins, rng_states, set_rng_states
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from descent import CONF_DIR
 from conftest import ENV, FAST, ROOT, compose_train, results_of, run_script
 
+from descent import CONF_DIR
 from descent.data.datamodule import TensorBatches
 from descent.sweep import claim_gpu, finished_results, print_summary, write_summary
 

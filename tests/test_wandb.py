@@ -8,9 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from descent import CONF_DIR
 from conftest import ENV, FAST, ROOT, compose_train, results_of
 from wandb.proto import wandb_internal_pb2
+
+from descent import CONF_DIR
 
 BLOCK = 32 * 1024  # LevelDB log blocks
 FULL, LAST = 1, 4

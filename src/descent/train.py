@@ -18,12 +18,11 @@ from typing import Any
 
 import hydra
 import torch
-
-import descent
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+import descent
 from descent.config import ConfigError, check_batch_size, check_distributed, exit_on_config_error, validate
 from descent.reliability import (
     GracefulStop,
