@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from descent.data.datamodule import StreamingBatches, TensorBatches, batch_bounds, feature_stats
+from descent.data.batches import TensorBatches, batch_bounds
+from descent.data.datamodule import feature_stats
+from descent.data.streaming import StreamingBatches
 
 
 def test_a_last_batch_of_one_sample_is_folded_into_the_previous_one():

@@ -21,8 +21,10 @@ import torch
 from conftest import ENV, FAST, ROOT, results_of, run_script
 
 from descent import CONF_DIR
-from descent.data.datamodule import StreamingBatches, TensorBatches
-from descent.reliability import AtomicCheckpointIO, BackgroundCheckpointIO, plugins, rng_states, set_rng_states
+from descent.checkpoints import AtomicCheckpointIO, BackgroundCheckpointIO, rng_states, set_rng_states
+from descent.data.batches import TensorBatches
+from descent.data.streaming import StreamingBatches
+from descent.trainer import plugins
 
 SMALL = [*FAST, "model.hidden_dims=[16]"]
 SLOW_EPOCHS = [
@@ -292,8 +294,10 @@ def test_no_file_of_a_run_folder_holds_a_secret_of_the_environment(tmp_path, mon
     for name, value in secrets.items():
         monkeypatch.setitem(ENV, name, value)
     run_dir = tmp_path / "run"
+    refused = run_script("train.py", *SMALL, "+x=${oc.env:WANDB_API_KEY}", f"hydra.run.dir={tmp_path / 'refused'}")
+    assert refused.returncode == 2 and "x='${oc.env:WANDB_API_KEY}' is not allowed" in refused.stdout + refused.stderr
     process = run_script(
-        "train.py", *SMALL, f"logger={logger}", "+x=${oc.env:WANDB_API_KEY}", f"hydra.run.dir={run_dir}"
+        "train.py", *SMALL, f"logger={logger}", "tags=[${oc.env:WANDB_API_KEY}]", f"hydra.run.dir={run_dir}"
     )
     assert process.returncode == 0, process.stderr
     files = [path for path in run_dir.rglob("*") if path.is_file()]
@@ -303,4 +307,4 @@ def test_no_file_of_a_run_folder_holds_a_secret_of_the_environment(tmp_path, mon
         for value in secrets.values():
             assert value.encode() not in content, f"{value} found in {path}"
     for value in secrets.values():
-        assert value not in process.stdout + process.stderr
+        assert value not in process.stdout + process.stderr + refused.stdout + refused.stderr

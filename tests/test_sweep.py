@@ -13,8 +13,9 @@ import torch
 from conftest import ENV, FAST, ROOT, compose_train, results_of, run_script
 
 from descent import CONF_DIR
-from descent.data.datamodule import TensorBatches
-from descent.sweep import claim_gpu, finished_results, print_summary, write_summary
+from descent.data.batches import TensorBatches
+from descent.summary import print_summary, write_summary
+from descent.sweep import claim_gpu, finished_results
 
 
 def sweep(sweep_dir: Path, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:

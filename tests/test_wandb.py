@@ -84,7 +84,6 @@ def test_offline_wandb_run_lives_under_the_run_folder_with_history_config_and_id
     assert {"optimizer=sgd", "batch_size=32"} <= set(run.tags)
     assert "optimizer=sgd" in run.display_name
     assert f"wandb sync {run_dir}/wandb/offline-run-" in process.stderr + process.stdout
-    assert "anonymous setting" not in process.stderr + process.stdout  # Lightning's anonymous=None, dropped
 
 
 def test_without_credentials_or_stdin_wandb_runs_offline_by_itself(tmp_path):

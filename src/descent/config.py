@@ -1,210 +1,405 @@
-"""The one validation layer: every key a run reads is checked here, before any data is touched or model built.
+"""The schema of every config group, and the one validation layer: every key a run reads is checked here, before any
+data is touched or a model built.
 
-A bad value raises `ConfigError`, whose message names the key, the value and what is allowed. Nothing here fixes
-a value silently. Checks that need the data (batch size against the training split) live in `check_batch_size`.
+It fails closed: a key the schema does not know, or one it expects and does not find, is an error, as is any value
+out of range. Groups with a `_target_` (model, optimizer, scheduler, trainer, callbacks, logger) accept exactly the
+arguments of what they instantiate (its signature is their schema); the others accept the keys of the tables below
+(data sources declare theirs in `descent.data.sources.SCHEMAS`). A bad value raises `ConfigError`, whose message
+names the key, the value and what is allowed; nothing here fixes a value silently. Checks that need the data (the
+batch size against the training split) live in `check_batch_size`.
 """
 
 from __future__ import annotations
 
+import difflib
+import functools
+import inspect
+import logging
 import math
-from collections.abc import Callable, Sequence
+import os
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
-ACTIVATIONS = ("relu", "leaky_relu", "elu", "gelu", "silu", "tanh", "sigmoid")
 MAX_SEED = 2**32 - 1  # numpy's seeds are uint32; Lightning refuses larger ones with a traceback
-OPTIMIZER_FLAGS = ("nesterov", "amsgrad", "centered", "maximize", "foreach", "fused", "capturable", "differentiable")
+HYDRA_KEYS = frozenset({"_target_", "_partial_", "_args_", "_convert_", "_recursive_"})
+MISSING = object()  # a key that is absent
 
 
 class ConfigError(ValueError):
-    """A config value that is not allowed: `key=value: what is allowed`."""
+    """A config value that is not allowed: `key=value is not allowed: what is allowed` (or `key is missing: ...`)."""
 
     def __init__(self, key: str, value: Any, allowed: str) -> None:
         self.key, self.value, self.allowed = key, value, allowed
-        super().__init__(f"{key}={_show(value)} is not allowed: {allowed}")
+        shown = f"{key} is missing" if value is MISSING else f"{key}={_show(value)} is not allowed"
+        super().__init__(f"{shown}: {allowed}")
 
 
 def _show(value: Any) -> str:
     if isinstance(value, (ListConfig, DictConfig)):
-        from omegaconf import OmegaConf
-
         return str(OmegaConf.to_container(value))
     return repr(value) if isinstance(value, str) else str(value)
 
 
-def _is_number(value: Any) -> bool:
+# ---- predicates: what a value may be
+
+
+def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check(cfg: DictConfig, key: str, ok: Callable[[Any], bool], allowed: str) -> None:
-    """Check `cfg[key]` (dotted) when present."""
-    node: Any = cfg
-    for part in key.split("."):
-        if not isinstance(node, DictConfig) or part not in node:
-            return
-        node = node[part]
-    if not ok(node):
-        raise ConfigError(key, node, allowed)
+def positive_int(value: Any) -> bool:
+    return is_int(value) and value > 0
 
 
-def _in_unit(lo_open: bool, hi_open: bool) -> Callable[[Any], bool]:
-    def ok(v: Any) -> bool:
-        if not _is_number(v):
-            return False
-        return (v > 0 if lo_open else v >= 0) and (v < 1 if hi_open else v <= 1)
+def non_negative_int(value: Any) -> bool:
+    return is_int(value) and value >= 0
+
+
+def non_negative(value: Any) -> bool:
+    return is_number(value) and value >= 0
+
+
+def is_bool(value: Any) -> bool:
+    return isinstance(value, bool)
+
+
+def is_str(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+def is_list(value: Any) -> bool:
+    return isinstance(value, (ListConfig, list, tuple))
+
+
+def in_unit(lo_open: bool, hi_open: bool) -> Callable[[Any], bool]:
+    """A number in [0, 1], each end open or closed."""
+
+    def ok(value: Any) -> bool:
+        return is_number(value) and (value > 0 if lo_open else value >= 0) and (value < 1 if hi_open else value <= 1)
 
     return ok
 
 
-def _positive_int(v: Any) -> bool:
-    return _is_int(v) and v > 0
+def null_or(ok: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda value: value is None or ok(value)
 
 
-def _non_negative(v: Any) -> bool:
-    return _is_number(v) and v >= 0
+def one_of(*choices: Any) -> Callable[[Any], bool]:
+    return lambda value: not isinstance(value, bool) and value in choices
 
 
-def _is_list(v: Any) -> bool:
-    return isinstance(v, (ListConfig, Sequence)) and not isinstance(v, str)
+def list_of(ok: Callable[[Any], bool], length: int | None = None) -> Callable[[Any], bool]:
+    return lambda value: is_list(value) and (length is None or len(value) == length) and all(map(ok, value))
 
 
-def _fractions(v: Any) -> bool:
-    return (
-        isinstance(v, (ListConfig, Sequence))
-        and len(v) == 3
-        and all(_is_number(f) and 0 < f < 1 for f in v)
-        and abs(sum(v) - 1.0) < 1e-6
-    )
+def fractions(value: Any) -> bool:
+    """Three fractions in (0, 1) that sum to 1: train, val and test."""
+    return list_of(in_unit(True, True), 3)(value) and abs(sum(value) - 1.0) < 1e-6
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What one key accepts: `ok(value)` is true, as `allowed` says in words; `required` keys must be present."""
+
+    ok: Callable[[Any], bool]
+    allowed: str
+    required: bool = True
+
+
+Schema = Mapping[str, Rule]
+
+TOP: Schema = {
+    "task_name": Rule(is_str, "expected a name"),
+    "seed": Rule(lambda v: is_int(v) and 0 <= v <= MAX_SEED, f"expected an int in [0, {MAX_SEED}]"),
+    "threads": Rule(lambda v: v == "auto" or positive_int(v), "expected 'auto' or a positive int"),
+    "ckpt_path": Rule(null_or(is_str), "expected null or a checkpoint's path"),
+    "skip_done": Rule(is_bool, "expected true or false"),
+    "tags": Rule(list_of(is_str), "expected a list of labels, e.g. [baseline,course]"),
+}
+TRAIN_GROUPS = ("cv", "data", "model", "optimizer", "scheduler", "trainer", "callbacks", "logger", "paths")
+EVAL_GROUPS = ("trainer", "logger", "paths")
+CV: Schema = {
+    "folds": Rule(lambda v: is_int(v) and (v == 0 or v >= 2), "expected 0 (off) or an int >= 2"),
+    "fold": Rule(lambda v: v is None or (is_int(v) and v >= 0), "expected null (every fold) or a fold number"),
+}
+PATHS = ("root_dir", "log_dir", "output_dir")  # folders, read where they are used (output_dir is Hydra's)
+DATA: Schema = {
+    "name": Rule(is_str, "expected the name of a data source"),
+    "batch_size": Rule(lambda v: v == "full" or positive_int(v), "expected a positive int or 'full'"),
+    "eval_batch_size": Rule(positive_int, "expected a positive int"),
+    "split": Rule(fractions, "expected 3 fractions in (0, 1) (train, val, test) that sum to 1"),
+    "stratify_by": Rule(list_of(is_str), "expected a list of column names, e.g. [label] or [label,sex]"),
+    "group_by": Rule(null_or(is_str), "expected null or a metadata column name"),
+}
+STREAM: Schema = {
+    "in_memory_mb": Rule(non_negative, "expected a size in MB >= 0"),
+    "block_size": Rule(positive_int, "expected a positive int (samples)"),
+    "prefetch": Rule(positive_int, "expected a positive int (batches)"),
+}
+# Range checks of `_target_` groups, for the arguments they have (which arguments they have is their signature's)
+MODEL: Schema = {
+    "hidden_dims": Rule(
+        list_of(positive_int), "expected a list of positive ints, e.g. [256,256] (or [] for a linear model)"
+    ),
+    "channels": Rule(list_of(positive_int), "expected a list of positive ints, e.g. [32,64] (one conv block each)"),
+    "batch_norm": Rule(is_bool, "expected true or false"),
+    "dropout": Rule(in_unit(False, True), "expected a probability p in [0, 1)"),
+}
+OPTIMIZER: Schema = {
+    "lr": Rule(lambda v: is_number(v) and v > 0, "expected a finite learning rate > 0"),
+    "momentum": Rule(in_unit(False, True), "expected b in [0, 1)"),
+    "dampening": Rule(in_unit(False, False), "expected a value in [0, 1]"),
+    "alpha": Rule(in_unit(False, True), "expected b in [0, 1)"),
+    "betas": Rule(list_of(in_unit(False, True), 2), "expected [b1, b2], each in [0, 1)"),
+    "eps": Rule(
+        lambda v: is_number(v) and v > 0,
+        "expected eps > 0 (eps = 0 divides by zero where a gradient is exactly 0, as on constant pixels)",
+    ),
+    "weight_decay": Rule(non_negative, "expected a finite value >= 0"),
+    **{
+        flag: Rule(null_or(is_bool), "expected true, false or null")
+        for flag in ("nesterov", "amsgrad", "centered", "maximize", "foreach", "fused", "capturable", "differentiable")
+    },
+}
+SCHEDULER: Schema = {  # Lightning's lr_scheduler dict, around the torch scheduler of its `scheduler` key
+    "scheduler": Rule(lambda v: isinstance(v, DictConfig), "expected a torch scheduler's _target_ config"),
+    "interval": Rule(one_of("epoch", "step"), "expected 'epoch' or 'step'", required=False),
+    "frequency": Rule(positive_int, "expected a positive int", required=False),
+    "monitor": Rule(is_str, "expected a logged metric's name, e.g. val/loss", required=False),
+    "strict": Rule(is_bool, "expected true or false", required=False),
+    "name": Rule(null_or(is_str), "expected null or a name", required=False),
+}
+TORCH_SCHEDULER: Schema = {
+    "T_max": Rule(positive_int, "expected a positive int (epochs of one cosine half-period)"),
+    "eta_min": Rule(non_negative, "expected a finite learning rate >= 0"),
+    "step_size": Rule(positive_int, "expected a positive int (epochs between decays)"),
+    "gamma": Rule(lambda v: is_number(v) and v > 0, "expected a finite factor > 0"),
+    "factor": Rule(in_unit(True, True), "expected a factor in (0, 1)"),
+    "patience": Rule(lambda v: is_int(v) and v >= 0, "expected an int >= 0"),
+    "mode": Rule(one_of("min", "max"), "expected 'min' or 'max'"),
+}
+TRAINER: Schema = {
+    "max_epochs": Rule(positive_int, "expected a positive int"),
+    "min_epochs": Rule(lambda v: v is None or (is_int(v) and v >= 0), "expected null or an int >= 0"),
+    "devices": Rule(
+        lambda v: (
+            v == "auto" or positive_int(v) or (is_list(v) and len(v) > 0 and all(is_int(d) and d >= 0 for d in v))
+        ),
+        "expected 'auto', a positive int, or a list of device indices",
+    ),
+    "num_sanity_val_steps": Rule(lambda v: is_int(v) and v >= -1, "expected an int >= -1"),
+    "log_every_n_steps": Rule(positive_int, "expected a positive int"),
+    "gradient_clip_val": Rule(null_or(non_negative), "expected null or a value >= 0"),
+    "accumulate_grad_batches": Rule(positive_int, "expected a positive int"),
+    "deterministic": Rule(lambda v: v is None or is_bool(v) or v == "warn", "expected true, false, 'warn' or null"),
+    "check_val_every_n_epoch": Rule(lambda v: v == 1, "expected 1: the best epoch is chosen on val"),
+    "val_check_interval": Rule(lambda v: v in (None, 1, 1.0), "expected 1.0 (validate every epoch)"),
+}
+CALLBACK: Schema = {
+    "patience": Rule(lambda v: is_int(v) and v >= 0, "expected an int >= 0"),
+    "min_delta": Rule(non_negative, "expected a finite value >= 0"),
+    "mode": Rule(one_of("min", "max"), "expected 'min' or 'max'"),
+    "monitor": Rule(null_or(is_str), "expected null or a logged metric's name"),
+}
+# arguments descent itself passes when it instantiates a group: a config must not set them
+SUPPLIED = {
+    "model": ("in_features", "input_shape", "num_classes"),
+    "optimizer": ("params",),
+    "scheduler": ("optimizer",),
+    "trainer": ("callbacks", "logger", "plugins", "default_root_dir", "enable_checkpointing", "enable_progress_bar"),
+    "callbacks": ("dirpath",),
+    "logger": ("save_dir",),
+}
+
+
+def value_of(node: DictConfig, key: str) -> Any:
+    """`node[key]`, resolved, or MISSING."""
+    if key not in node:
+        return MISSING
+    return node[key]
+
+
+def shown(node: DictConfig, key: str) -> Any:
+    """`node[key]` as an error message may show it: resolved, but for a value read from the environment
+    (`${oc.env:...}`), shown as typed: a secret passed that way never reaches a log."""
+    typed = OmegaConf.to_container(node, resolve=False).get(key)
+    return typed if isinstance(typed, str) and "oc.env" in typed else node[key]
+
+
+def typed_unless_secret(node: Any) -> Any:
+    """A config node as plain containers, resolved, but for values written as `${oc.env:...}`, kept as typed: a
+    secret passed through the environment must not reach W&B or a results file (as Hydra's own .hydra/config.yaml
+    keeps them unresolved)."""
+    if not isinstance(node, (DictConfig, ListConfig)):
+        return node
+
+    def pick(raw: Any, resolved: Any) -> Any:
+        if isinstance(raw, dict):
+            return {key: pick(raw[key], resolved[key]) for key in raw}
+        if isinstance(raw, list):
+            return [pick(r, v) for r, v in zip(raw, resolved, strict=True)]
+        return raw if isinstance(raw, str) and "oc.env" in raw else resolved
+
+    return pick(OmegaConf.to_container(node, resolve=False), OmegaConf.to_container(node, resolve=True))
+
+
+def check(node: DictConfig, prefix: str, schema: Schema, closed: bool = True, extra: Iterable[str] = ()) -> None:
+    """Check `node` against `schema`: with `closed`, keys outside the schema (and `extra`) are refused; required keys
+    must be present; present values must pass their rule."""
+    if closed:
+        unknown(node, prefix, {*schema, *extra})
+    for key, rule in schema.items():
+        value = value_of(node, key)
+        if value is MISSING:
+            if rule.required and closed:
+                raise ConfigError(_join(prefix, key), MISSING, rule.allowed)
+        elif not rule.ok(value):
+            raise ConfigError(_join(prefix, key), shown(node, key), rule.allowed)
+
+
+def unknown(node: DictConfig, prefix: str, known: Iterable[str], what: str | None = None) -> None:
+    """Refuse a key of `node` outside `known`, naming the nearest known one."""
+    known = sorted(known)
+    for key in node:
+        if key not in known:
+            near = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"did you mean {near[0]}? " if near else ""
+            keys = ", ".join(k for k in known if k not in HYDRA_KEYS)
+            raise ConfigError(
+                _join(prefix, str(key)),
+                shown(node, key),
+                f"{what or prefix or 'the config'} has no such key; {hint}its keys are {keys}",
+            )
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def target_signature(node: DictConfig, prefix: str) -> inspect.Signature:
+    """The signature of what `node["_target_"]` names (a class's __init__, or a function)."""
+    from hydra.utils import get_object
+
+    target = value_of(node, "_target_")
+    if not is_str(target):
+        raise ConfigError(_join(prefix, "_target_"), target, "expected the dotted name of a class or function")
+    try:
+        return inspect.signature(get_object(target))
+    except (ImportError, AttributeError, ValueError, TypeError) as error:
+        raise ConfigError(
+            _join(prefix, "_target_"), target, f"expected an importable class or function ({error})"
+        ) from None
+
+
+def check_target(node: DictConfig, prefix: str, group: str, ranges: Schema) -> None:
+    """A `_target_` config: its keys are arguments of its target (all of them, when it takes **kwargs), the arguments
+    without a default that descent does not pass are present, the ones descent passes are absent, and each value
+    passes its range rule."""
+    signature = target_signature(node, prefix)
+    parameters = {name: p for name, p in signature.parameters.items() if p.kind not in (p.VAR_POSITIONAL,)}
+    supplied = SUPPLIED.get(group, ())
+    takes_any = any(p.kind == p.VAR_KEYWORD for p in parameters.values())
+    for key in supplied:
+        if key in node:
+            raise ConfigError(_join(prefix, key), shown(node, key), f"set by descent itself; remove {prefix}.{key}")
+    accepted = {name for name, p in parameters.items() if p.kind != p.VAR_KEYWORD} - set(supplied)
+    if not takes_any:
+        unknown(node, prefix, accepted | HYDRA_KEYS, what=str(node["_target_"]))
+    for name in accepted:
+        parameter = parameters[name]
+        if parameter.default is parameter.empty and parameter.kind != parameter.VAR_KEYWORD and name not in node:
+            allowed = ranges[name].allowed if name in ranges else f"an argument of {node['_target_']} without default"
+            raise ConfigError(_join(prefix, name), MISSING, allowed)
+    check(node, prefix, ranges, closed=False)
 
 
 def validate(cfg: DictConfig) -> None:
-    """Raise `ConfigError` on the first value a run must not start with."""
-    _check(cfg, "seed", lambda v: _is_int(v) and 0 <= v <= MAX_SEED, f"expected an int in [0, {MAX_SEED}]")
-    _check(cfg, "ckpt_path", lambda v: v is None or isinstance(v, str), "expected null or a checkpoint's path")
-    _check(cfg, "threads", lambda v: v == "auto" or _positive_int(v), "expected 'auto' or a positive int")
-    _check(cfg, "skip_done", lambda v: isinstance(v, bool), "expected true or false")
-    _check(cfg, "cv.folds", lambda v: _is_int(v) and (v == 0 or v >= 2), "expected 0 (off) or an int >= 2")
-    _check(
-        cfg,
-        "cv.fold",
-        lambda v: v is None or (_is_int(v) and 0 <= v < cfg.cv.folds),
-        "expected null (every fold) or a fold number in [0, cv.folds), with cv.folds >= 2",
-    )
-    _check(
-        cfg,
-        "ckpt_path",
-        lambda v: v is None or not cfg.cv.folds or cfg.cv.get("fold") is not None,
-        "a checkpoint resumes one fold: add cv.fold=i (and hydra.run.dir=<the CV run's folder>)",
-    )
+    """Raise `ConfigError` on the first value a training run must not start with."""
+    from descent.data.sources import SCHEMAS
 
-    _check(cfg, "data.batch_size", lambda v: v == "full" or _positive_int(v), "expected a positive int or 'full'")
-    _check(cfg, "data.eval_batch_size", _positive_int, "expected a positive int")
-    _check(cfg, "data.split", _fractions, "expected 3 fractions in (0, 1) (train, val, test) that sum to 1")
-    _check(
-        cfg,
-        "data.stratify_by",
-        lambda v: _is_list(v) and all(isinstance(c, str) for c in v),
-        "expected a list of column names, e.g. [label] or [label,sex]",
-    )
-    _check(
-        cfg,
-        "data.group_by",
-        lambda v: v is None or isinstance(v, str),
-        "expected null or a metadata column name",
-    )
+    unknown(cfg, "", {*TOP, *TRAIN_GROUPS})
+    check(cfg, "", TOP, closed=False)
+    for group in TRAIN_GROUPS:
+        if group not in cfg:
+            raise ConfigError(group, MISSING, f"expected the {group} group (conf/{group}/)")
+    check(cfg.cv, "cv", CV)
+    if cfg.cv.fold is not None and cfg.cv.fold >= cfg.cv.folds:
+        allowed = "expected null (every fold) or a fold number in [0, cv.folds), with cv.folds >= 2"
+        raise ConfigError("cv.fold", cfg.cv.fold, allowed)
+    if cfg.ckpt_path is not None and cfg.cv.folds and cfg.cv.fold is None:
+        raise ConfigError(
+            "ckpt_path",
+            cfg.ckpt_path,
+            "a checkpoint resumes one fold: add cv.fold=i (and hydra.run.dir=<the CV run's folder>)",
+        )
+    check_paths(cfg.paths)
 
-    _check(cfg, "data.n_samples", _positive_int, "expected a positive int")
-    _check(cfg, "data.image_size", _positive_int, "expected a positive int (images are image_size x image_size)")
-    _check(cfg, "data.num_classes", lambda v: _is_int(v) and v >= 2, "expected an int >= 2")
-    _check(cfg, "data.chunk_size", _positive_int, "expected a positive int")
-    _check(cfg, "data.stream.in_memory_mb", lambda v: _is_number(v) and v >= 0, "expected a size in MB >= 0")
-    _check(cfg, "data.stream.block_size", _positive_int, "expected a positive int (samples)")
-    _check(cfg, "data.stream.prefetch", _positive_int, "expected a positive int (batches)")
+    name = value_of(cfg.data, "name")
+    if name not in SCHEMAS:
+        raise ConfigError("data.name", name, f"expected one of {', '.join(sorted(SCHEMAS))}")
+    source = SCHEMAS[name]
+    check(cfg.data, "data", {**DATA, **source})
+    if "stream" in source:
+        check(cfg.data.stream, "data.stream", STREAM)
 
-    _check(
-        cfg,
-        "model.hidden_dims",
-        lambda v: _is_list(v) and all(_positive_int(d) for d in v),
-        "expected a list of positive ints, e.g. [256,256] (or [] for a linear model)",
-    )
-    _check(cfg, "model.batch_norm", lambda v: isinstance(v, bool), "expected true or false")
-    _check(cfg, "model.dropout", _in_unit(lo_open=False, hi_open=True), "expected a probability p in [0, 1)")
-    _check(cfg, "model.activation", lambda v: v in ACTIVATIONS, f"expected one of {', '.join(ACTIVATIONS)}")
+    check_target(cfg.model, "model", "model", MODEL)
+    if "activation" in cfg.model:
+        from descent.model import ACTIVATIONS
 
-    _check(cfg, "optimizer.lr", lambda v: _is_number(v) and v > 0, "expected a finite learning rate > 0")
-    _check(cfg, "optimizer.momentum", _in_unit(lo_open=False, hi_open=True), "expected b in [0, 1)")
-    _check(cfg, "optimizer.dampening", _in_unit(lo_open=False, hi_open=False), "expected a value in [0, 1]")
-    _check(cfg, "optimizer.alpha", _in_unit(lo_open=False, hi_open=True), "expected b in [0, 1)")
-    _check(
-        cfg,
-        "optimizer.betas",
-        lambda v: _is_list(v) and len(v) == 2 and all(_in_unit(False, True)(b) for b in v),
-        "expected [b1, b2], each in [0, 1)",
-    )
-    _check(
-        cfg,
-        "optimizer.eps",
-        lambda v: _is_number(v) and v > 0,
-        "expected eps > 0 (eps = 0 divides by zero where a gradient is exactly 0, as on constant pixels)",
-    )
-    _check(cfg, "optimizer.weight_decay", _non_negative, "expected a finite value >= 0")
-    for flag in OPTIMIZER_FLAGS:
-        _check(cfg, f"optimizer.{flag}", lambda v: v is None or isinstance(v, bool), "expected true, false or null")
-
-    _check(cfg, "trainer.max_epochs", _positive_int, "expected a positive int")
-    _check(cfg, "trainer.min_epochs", lambda v: _is_int(v) and v >= 0, "expected an int >= 0")
-    _check(
-        cfg,
-        "trainer.devices",
-        lambda v: (
-            v == "auto" or _positive_int(v) or (_is_list(v) and len(v) > 0 and all(_is_int(d) and d >= 0 for d in v))
-        ),
-        "expected 'auto', a positive int, or a list of device indices",
-    )
-    _check(cfg, "trainer.num_sanity_val_steps", lambda v: _is_int(v) and v >= -1, "expected an int >= -1")
-    _check(cfg, "trainer.log_every_n_steps", _positive_int, "expected a positive int")
-    _check(cfg, "trainer.gradient_clip_val", lambda v: v is None or _non_negative(v), "expected null or a value >= 0")
-    _check(cfg, "trainer.accumulate_grad_batches", _positive_int, "expected a positive int")
-    _check(
-        cfg,
-        "trainer.deterministic",
-        lambda v: v is None or isinstance(v, bool) or v == "warn",
-        "expected true, false, 'warn' or null",
-    )
-    _check(
-        cfg,
-        "trainer.check_val_every_n_epoch",
-        lambda v: v == 1,
-        "expected 1: the best epoch is chosen on val",
-    )
-    _check(
-        cfg,
-        "trainer.val_check_interval",
-        lambda v: v in (None, 1, 1.0),
-        "expected 1.0 (validate every epoch)",
-    )
-    _check(cfg, "callbacks.early_stopping.patience", lambda v: _is_int(v) and v >= 0, "expected an int >= 0")
-    _check(cfg, "callbacks.early_stopping.min_delta", _non_negative, "expected a finite value >= 0")
-    for callback in ("early_stopping", "model_checkpoint"):
-        _check(cfg, f"callbacks.{callback}.mode", lambda v: v in ("min", "max"), "expected 'min' or 'max'")
-        _check(cfg, f"callbacks.{callback}.monitor", lambda v: isinstance(v, str), "expected a logged metric's name")
+        if cfg.model.activation not in ACTIVATIONS:
+            raise ConfigError("model.activation", cfg.model.activation, f"expected one of {', '.join(ACTIVATIONS)}")
+    check_target(cfg.optimizer, "optimizer", "optimizer", OPTIMIZER)
+    check_trainer(cfg.trainer)
+    check_callbacks(cfg.callbacks)
+    check_loggers(cfg.logger)
     # after trainer: cosine's T_max follows trainer.max_epochs, whose own message names the key the user set
-    _check(cfg, "scheduler.interval", lambda v: v in ("epoch", "step"), "expected 'epoch' or 'step'")
-    _check(cfg, "scheduler.monitor", lambda v: isinstance(v, str), "expected a logged metric's name, e.g. val/loss")
-    _check(
-        cfg, "scheduler.scheduler.T_max", _positive_int, "expected a positive int (epochs of one cosine half-period)"
-    )
-    _check(cfg, "scheduler.scheduler.eta_min", _non_negative, "expected a finite learning rate >= 0")
-    _check(cfg, "scheduler.scheduler.step_size", _positive_int, "expected a positive int (epochs between decays)")
-    _check(cfg, "scheduler.scheduler.gamma", lambda v: _is_number(v) and v > 0, "expected a finite factor > 0")
-    _check(cfg, "scheduler.scheduler.factor", _in_unit(lo_open=True, hi_open=True), "expected a factor in (0, 1)")
-    _check(cfg, "scheduler.scheduler.patience", lambda v: _is_int(v) and v >= 0, "expected an int >= 0")
-    _check(cfg, "scheduler.scheduler.mode", lambda v: v in ("min", "max"), "expected 'min' or 'max'")
+    if cfg.scheduler is not None:
+        check(cfg.scheduler, "scheduler", SCHEDULER)
+        check_target(cfg.scheduler.scheduler, "scheduler.scheduler", "scheduler", TORCH_SCHEDULER)
+
+
+def validate_eval(cfg: DictConfig) -> None:
+    """Raise `ConfigError` on the first value an evaluation must not start with."""
+    unknown(cfg, "", {"task_name", "ckpt_path", "threads", *EVAL_GROUPS})
+    check(cfg, "", {key: TOP[key] for key in ("task_name", "threads")}, closed=False)
+    if not is_str(cfg.ckpt_path):
+        raise ConfigError("ckpt_path", cfg.ckpt_path, "expected the path of a checkpoint file (.ckpt)")
+    check_trainer(cfg.trainer)
+    check_loggers(cfg.logger)
+    check_paths(cfg.paths)
+
+
+def check_paths(node: DictConfig) -> None:
+    """The `paths` group's keys, none missing and none unknown; their values (interpolations of Hydra's run folder
+    among them) are not resolved here."""
+    unknown(node, "paths", PATHS)
+    for key in PATHS:
+        if key not in node:
+            raise ConfigError(f"paths.{key}", MISSING, "expected a folder")
+
+
+def check_trainer(node: DictConfig) -> None:
+    check_target(node, "trainer", "trainer", TRAINER)
+
+
+def check_callbacks(node: DictConfig | None) -> None:
+    for name, callback in (node or {}).items():
+        if callback is not None:
+            check_target(callback, f"callbacks.{name}", "callbacks", CALLBACK)
+
+
+def check_loggers(node: DictConfig | None) -> None:
+    for name, logger in (node or {}).items():
+        if logger:
+            check_target(logger, f"logger.{name}", "logger", {})
 
 
 def check_batch_size(batch_size: int | str, n_train: int, batch_norm: bool) -> int:
@@ -212,9 +407,7 @@ def check_batch_size(batch_size: int | str, n_train: int, batch_norm: bool) -> i
     size = n_train if batch_size == "full" else int(batch_size)
     if size > n_train:
         raise ConfigError(
-            "data.batch_size",
-            batch_size,
-            f"expected at most the training split's {n_train} samples, or 'full'",
+            "data.batch_size", batch_size, f"expected at most the training split's {n_train} samples, or 'full'"
         )
     if batch_norm and size == 1:
         raise ConfigError(
@@ -226,45 +419,8 @@ def check_batch_size(batch_size: int | str, n_train: int, batch_norm: bool) -> i
     return size
 
 
-def check_distributed(trainer: Any, trainer_cfg: DictConfig, in_sweep: bool) -> None:
-    """Refuse the multi-process set-ups that Lightning would run wrongly here, naming what to use instead.
-
-    Lightning's `ddp` re-launches this script once a device: under Hydra's -m that re-runs the whole sweep (a second
-    sweep folder; with Optuna the ranks train different hyperparameters), and under submitit it re-runs submitit's
-    own script (Lightning issue 11300). Spawned processes (`ddp_spawn`) keep the run's epochs to themselves.
-    On SLURM (hydra/launcher=submitit_slurm with one task a device) the tasks are the ranks: nothing re-launches.
-    """
-    from pytorch_lightning.accelerators import CPUAccelerator
-    from pytorch_lightning.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
-
-    strategy = trainer_cfg.get("strategy", "auto")
-    launcher = trainer.strategy.launcher
-    if isinstance(launcher, _MultiProcessingLauncher):
-        raise ConfigError(
-            "trainer.strategy", strategy, "expected ddp (trainer=ddp): spawned processes keep the epochs, steps and "
-            "divergence of the run to themselves, so results.json would miss them",
-        )  # fmt: skip
-    if in_sweep and isinstance(launcher, _SubprocessScriptLauncher):
-        raise ConfigError(
-            "trainer.strategy", strategy, f"expected one device a job inside a sweep (-m), not "
-            f"{trainer.num_devices}: Lightning's ddp re-launches the script, which re-runs the whole sweep (Lightning "
-            "issue 11300). Use one run per command (python train.py trainer=ddp ...), single-device jobs (one GPU "
-            "each with hydra/launcher=joblib), or hydra/launcher=submitit_slurm with hydra.launcher.tasks_per_node "
-            "equal to trainer.devices",
-        )  # fmt: skip
-    if trainer_cfg.get("sync_batchnorm") and isinstance(trainer.accelerator, CPUAccelerator):
-        raise ConfigError(
-            "trainer.sync_batchnorm", True, "expected false on CPU: torch's SyncBatchNorm runs on GPUs only "
-            "(use trainer.accelerator=gpu, or sync_batchnorm=false: each device normalizes its own batch)",
-        )  # fmt: skip
-
-
 def exit_on_config_error(run: Callable[[Any], Any]) -> Callable[[Any], Any]:
     """Turn a `ConfigError` into one logged line and exit code 2 (a traceback only with HYDRA_FULL_ERROR=1)."""
-    import functools
-    import logging
-    import os
-    import sys
 
     @functools.wraps(run)
     def wrapper(cfg: Any) -> Any:

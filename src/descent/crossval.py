@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
-from descent.results import read_results, recorded, write_results
+from descent.results import RESULTS, Status, read_results, recorded, write_json
+from descent.tables import rich_table
 
 log = logging.getLogger("descent")
 # the columns of the table, in this order when present; any other metric follows
@@ -40,7 +41,7 @@ def cross_validate(
         fold_dir = run_dir / f"fold_{fold}"
         log.info("fold %d of %d -> %s", fold, len(splits), fold_dir)
         pl.seed_everything(cfg.seed, workers=True, verbose=False)  # fold i alone (cv.fold=i) = fold i of the loop
-        with recorded(fold_dir / "results.json", {"status": "failed", "error": None, "fold": fold}) as results:
+        with recorded(fold_dir, {"status": Status.FAILED, "error": None, "fold": fold}) as results:
             results |= fit(cfg, source, splits[fold], fold_dir, group=run_dir.name, job_type="fold")
         folds.append({**results, "dir": fold_dir.name})
     summary = summarize(folds)
@@ -57,7 +58,7 @@ def summarize(folds: list[dict[str, Any]]) -> dict[str, Any]:
     values = {name: np.array([_number(fold["metrics"].get(name)) for fold in folds]) for name in names}
     mean = {name: float(np.mean(v)) for name, v in values.items()}
     std = {name: float(np.std(v, ddof=1)) if len(v) > 1 else math.nan for name, v in values.items()}
-    status = next((fold["status"] for fold in folds if fold["status"] != "ok"), "ok")
+    status = next((fold["status"] for fold in folds if fold["status"] != Status.OK), Status.OK)
     keys = ("fold", "dir", "status", "error", "metrics", "best_epoch", "epochs", "steps", "n_train", "n_val", "n_test")
     return {
         "status": status,
@@ -81,34 +82,25 @@ def print_table(summary: dict[str, Any], title: str) -> None:
     """One row per metric: its value in each fold, then the mean and std over folds (rich). Folds are columns, so
     the table fits a terminal whatever the number of metrics."""
     from rich.console import Console
-    from rich.table import Table
 
     names = [name for name in FIRST_METRICS if name in summary["mean"]]
     names += sorted(set(summary["mean"]) - set(names))
     folds = summary["folds"]
-    not_ok = [f"fold {fold['fold']}: {fold['status']}" for fold in folds if fold["status"] != "ok"]
-    table = Table(title=title, caption=", ".join(not_ok) or None)
-    table.add_column("metric")
-    for fold in folds:
-        table.add_column(f"fold {fold['fold']}", justify="right")
-    table.add_column("mean", justify="right", style="bold")
-    table.add_column("std", justify="right")
-    for name in names:
-        cells = [_cell(fold["metrics"].get(name)) for fold in folds]
-        table.add_row(name, *cells, _cell(summary["mean"][name]), _cell(summary["std"][name]))
-    Console().print(table)
-
-
-def _cell(value: Any) -> str:
-    return "-" if value is None or not math.isfinite(value) else f"{value:.4f}"
+    not_ok = [f"fold {fold['fold']}: {Status(fold['status']).value}" for fold in folds if fold["status"] != Status.OK]
+    columns = ["metric", *(f"fold {fold['fold']}" for fold in folds), "mean", "std"]
+    rows = [
+        [name, *(fold["metrics"].get(name) for fold in folds), summary["mean"][name], summary["std"][name]]
+        for name in names
+    ]
+    Console().print(rich_table(" ".join([title, *not_ok]), columns, rows))
 
 
 def gather(sweep_dir: Path) -> list[dict[str, Any]]:
     """The CV results of a sweep whose jobs each ran one fold (`cv.fold=i`), one entry per setting: jobs with the
     same overrides but for `cv.fold` are folds of one cross-validation. Written to SWEEP_DIR/crossval.json."""
     settings: dict[tuple[str, ...], list[dict[str, Any]]] = {}
-    for path in sorted(sweep_dir.glob("*/results.json")):
-        job = read_results(path)
+    for path in sorted(sweep_dir.glob(f"*/{RESULTS}")):
+        job = read_results(path.parent)
         setting = tuple(o for o in job.get("overrides", []) if not o.startswith("cv.fold="))
         folds = [{**fold, "dir": str(path.parent.name + "/" + fold["dir"])} for fold in job.get("folds", [])]
         settings.setdefault(setting, []).extend(folds)
@@ -119,7 +111,7 @@ def gather(sweep_dir: Path) -> list[dict[str, Any]]:
         summary = {"overrides": list(setting), **summarize(sorted(folds, key=lambda fold: fold["fold"]))}
         print_table(summary, title=" ".join(setting) or str(sweep_dir))
         gathered.append(summary)
-    write_results(sweep_dir / "crossval.json", {"settings": gathered})
+    write_json(sweep_dir / "crossval.json", {"settings": gathered})
     return gathered
 
 

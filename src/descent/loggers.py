@@ -13,10 +13,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import WandbLogger
+
+from descent.config import typed_unless_secret
+from descent.results import status_of
 
 log = logging.getLogger("descent")
 
@@ -54,23 +56,9 @@ def _wandb_identity(cfg: DictConfig, run_dir: Path, group: str | None, job_type:
         group = Path(hydra_cfg.sweep.dir).name
     optimizer = hydra_cfg.runtime.choices.get("optimizer") if hydra_cfg else None
     optimizer = optimizer or str(cfg.optimizer.get("_target_", "")).rsplit(".", 1)[-1]
-    tags = [f"optimizer={optimizer}", f"batch_size={cfg.data.batch_size}"]
-    config = _resolved_but_env(cfg) if hydra_cfg is not None else OmegaConf.to_container(cfg, resolve=False)
+    tags = [f"optimizer={optimizer}", f"batch_size={cfg.data.batch_size}", *typed_unless_secret(cfg.get("tags") or [])]
+    config = typed_unless_secret(cfg) if hydra_cfg is not None else OmegaConf.to_container(cfg, resolve=False)
     return {"name": name, "group": group, "job_type": job_type, "tags": tags, "config": config}
-
-
-def _resolved_but_env(cfg: DictConfig) -> dict[str, Any]:
-    """The config resolved, but for values written as `${oc.env:...}`, kept as the reference: a secret passed
-    through the environment must not reach W&B (as Hydra's own .hydra/config.yaml keeps them unresolved)."""
-
-    def pick(raw: Any, resolved: Any) -> Any:
-        if isinstance(raw, dict):
-            return {key: pick(raw[key], resolved[key]) for key in raw}
-        if isinstance(raw, list):
-            return [pick(r, v) for r, v in zip(raw, resolved, strict=True)]
-        return raw if isinstance(raw, str) and "oc.env" in raw else resolved
-
-    return pick(OmegaConf.to_container(cfg, resolve=False), OmegaConf.to_container(cfg, resolve=True))
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path, group: str | None, job_type: str) -> list[Any]:
@@ -86,17 +74,14 @@ def build_loggers(cfg: DictConfig, run_dir: Path, group: str | None, job_type: s
         extra: dict[str, Any] = {"save_dir": str(run_dir)}
         if name == "wandb":
             identity = _wandb_identity(cfg, run_dir, group, job_type)
-            identity["tags"] = [*identity["tags"], *(logger_cfg.get("tags") or [])]
+            identity["tags"] = [*identity["tags"], *typed_unless_secret(logger_cfg.get("tags") or [])]
             extra |= identity | {"mode": wandb_mode(logger_cfg.get("mode"))}
             resumed = previous_wandb_run(run_dir) if cfg.get("ckpt_path") else None
             if resumed is not None:  # a resume (or a requeued job) goes on in the W&B run it left
                 extra |= {"id": resumed, "resume": "allow"}
                 log.info("W&B: resuming run %s", resumed)
         # completed as a partial: `config` (a plain dict with _target_ keys) must reach wandb.init as it is
-        logger = instantiate(logger_cfg, _partial_=True)(**extra)
-        if isinstance(logger, WandbLogger):  # Lightning always passes anonymous=None: wandb 0.31 warns at each run
-            logger._wandb_init.pop("anonymous", None)
-        loggers.append(logger)
+        loggers.append(instantiate(logger_cfg, _partial_=True)(**extra))
     return loggers
 
 
@@ -110,7 +95,7 @@ def close_loggers(loggers: list[Any], results: dict[str, Any], confusion_png: Pa
     """Give W&B the best epoch's summary and the confusion matrix, then finish the run with the run's exit code
     (0 for ok or diverged, 1 otherwise) and say how to upload an offline run."""
     for logger in loggers:
-        if not isinstance(logger, WandbLogger) or logger._experiment is None:  # no public "has started" in Lightning
+        if not isinstance(logger, WandbLogger):
             continue
         import wandb
 
@@ -120,30 +105,18 @@ def close_loggers(loggers: list[Any], results: dict[str, Any], confusion_png: Pa
         summary = {f"best/{key}": value for key, value in results.get("metrics", {}).items()}
         summary |= {key: results.get(key) for key in ("status", "best_epoch", "epochs", "steps")}
         run.summary.update(summary)
-        finish_wandb(logger, exit_code=0 if results.get("status") in ("ok", "diverged") else 1)
+        finish_wandb(exit_code=0 if status_of(results).finished else 1)
 
 
-def finish_wandb(logger: Any, exit_code: int) -> None:
-    """Finish a WandbLogger's run (so the next run of this process starts a new one); print `wandb sync` if offline."""
-    run = logger._experiment
+def finish_wandb(exit_code: int) -> None:
+    """Finish this process's W&B run, if one is open (so the next run of the process starts a new one); print how
+    to upload it if it ran offline."""
+    import wandb
+
+    run = wandb.run
     if run is None:
         return
     offline, sync_dir = run.settings.mode in ("offline", "dryrun"), run.settings.sync_dir
     run.finish(exit_code=exit_code)
-    logger._experiment = None
     if offline:
         log.info("W&B run saved offline; upload it with: wandb sync %s", sync_dir)
-
-
-class FinishWandbOnError(pl.Callback):
-    """When fit or test raises, finish the W&B run so that it does not stay open (and swallow the next run of a
-    sweep): exit code 128 + the signal's number when `stopper` (a GracefulStop) saw one, else 1."""
-
-    def __init__(self, stopper: Any | None = None) -> None:
-        self.stopper = stopper
-
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        signum = getattr(self.stopper, "signum", None)
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                finish_wandb(logger, exit_code=128 + signum if signum else 1)

@@ -1,7 +1,8 @@
-"""The MLP and its LightningModule: steps, metrics per stage, and optimizers built from their configs.
+"""The networks (MLP, CNN) and their LightningModule, the Classifier: steps, metrics per stage, optimizers.
 
-The module never names an optimizer or a scheduler: it receives their Hydra configs as plain dicts (so that a
-checkpoint loads with `torch.load(weights_only=True)`) and completes them in `configure_optimizers`.
+The module never names a network, an optimizer or a scheduler: it receives their Hydra configs as plain dicts (so
+that a checkpoint loads with `torch.load(weights_only=True)`) and instantiates them (`descent.optim` builds the
+optimizer in `configure_optimizers`).
 Metrics are aggregated per epoch by torchmetrics; nothing is logged or synchronised per step. Each step only keeps
 its per-sample losses, predictions and labels (on the device); torchmetrics gets them in one update every
 `METRIC_FLUSH_STEPS` steps and at the end of the epoch: the same numbers as an update per step, at ~10% of its cost.
@@ -20,9 +21,10 @@ from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 
-from descent.overhead import LeanHooks
+from descent.optim import build_lr_scheduler, build_optimizer
 
 METRIC_FLUSH_STEPS = 256  # bounds what waits for torchmetrics to 256 batches of predictions and labels
+PENDING_KEY = "descent_pending_steps"  # where a mid-epoch checkpoint keeps the steps torchmetrics has not seen
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
@@ -40,7 +42,7 @@ class MLP(nn.Sequential):
 
     def __init__(
         self,
-        in_features: int,
+        input_shape: list[int],
         num_classes: int,
         hidden_dims: list[int],
         batch_norm: bool,
@@ -48,7 +50,7 @@ class MLP(nn.Sequential):
         activation: str,
     ) -> None:
         layers: list[nn.Module] = []
-        width = in_features
+        width = math.prod(input_shape)
         for hidden in hidden_dims:
             # the bias is redundant before batch norm, whose shift beta plays its part
             layers.append(nn.Linear(width, hidden, bias=not batch_norm))
@@ -98,6 +100,13 @@ class CNN(nn.Module):
         return self.head(self.features(x.view(len(x), *self.input_shape)).flatten(1))
 
 
+def build_network(config: dict[str, Any], input_shape: list[int], num_classes: int) -> nn.Module:
+    """The network of a `model` config (its `_target_`: MLP or CNN) for images of `input_shape`."""
+    from hydra.utils import instantiate
+
+    return instantiate(config, input_shape=list(input_shape), num_classes=num_classes, _convert_="all")
+
+
 def _stage_metrics(num_classes: int) -> MetricCollection:
     # validate_args=False: the inputs are ours and well-formed; the checks cost more than the update itself
     return MetricCollection(
@@ -110,18 +119,15 @@ def _stage_metrics(num_classes: int) -> MetricCollection:
     )
 
 
-class Classifier(LeanHooks, pl.LightningModule):
-    """Standardize the pixels (training-split statistics, kept as buffers), then classify them with an MLP.
-    LeanHooks cuts two of Lightning's per-step costs (descent.overhead)."""
+class Classifier(pl.LightningModule):
+    """Standardize the pixels (training-split statistics, kept as buffers), then classify them with the network of
+    `model` (a `_target_` config)."""
 
     def __init__(
         self,
         input_shape: list[int],
         num_classes: int,
-        hidden_dims: list[int],
-        batch_norm: bool,
-        dropout: float,
-        activation: str,
+        model: dict[str, Any],
         optimizer: dict[str, Any],
         scheduler: dict[str, Any] | None = None,
     ) -> None:
@@ -130,7 +136,7 @@ class Classifier(LeanHooks, pl.LightningModule):
         in_features = math.prod(input_shape)
         self.register_buffer("mean", torch.zeros(in_features))
         self.register_buffer("std", torch.ones(in_features))
-        self.net = MLP(in_features, num_classes, list(hidden_dims), batch_norm, dropout, activation)
+        self.net = build_network(model, input_shape, num_classes)
         self.train_metrics = _stage_metrics(num_classes)
         self.val_metrics = _stage_metrics(num_classes)
         self.test_metrics = _stage_metrics(num_classes)
@@ -187,16 +193,19 @@ class Classifier(LeanHooks, pl.LightningModule):
             for metrics in partial:
                 metrics.persistent(False)
 
-    def get_extra_state(self) -> dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
-        """The pending steps go into the state dict as they are, beside the metric states: a mid-epoch checkpoint
-        (SIGTERM) resumes with them, and its flushes then fall on the same steps as an uninterrupted run's, so the
-        epoch's float sums come out bit for bit the same."""
-        return {stage: list(pending) for stage, pending in self._pending.items()}
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A mid-epoch checkpoint (SIGTERM) carries the pending steps beside the metric states, as plain containers of
+        tensors outside the state_dict (which holds tensors only): the resumed run's flushes then fall on the same
+        steps as an uninterrupted run's, so the epoch's float sums come out bit for bit the same."""
+        pending = {stage: list(steps) for stage, steps in self._pending.items() if steps}
+        if pending:
+            checkpoint[PENDING_KEY] = pending
 
-    def set_extra_state(self, state: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]) -> None:
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         device = self.mean.device
+        saved = checkpoint.get(PENDING_KEY, {})
         self._pending = {
-            stage: [tuple(part.to(device) for part in step) for step in state.get(stage, [])] for stage in self._pending
+            stage: [tuple(part.to(device) for part in step) for step in saved.get(stage, [])] for stage in self._pending
         }
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
@@ -205,7 +214,6 @@ class Classifier(LeanHooks, pl.LightningModule):
             # stop at once and skip this update: the weights stay those of the last finite step
             self.diverged_at = self.global_step
             self.trainer.should_stop = True
-            self.trainer.fit_loop.min_epochs = 0  # stop now, even inside the first epoch (min_epochs would go on)
             return None
         return loss
 
@@ -235,11 +243,7 @@ class Classifier(LeanHooks, pl.LightningModule):
         self.test_confusion.reset()
 
     def configure_optimizers(self) -> Any:
-        from hydra.utils import instantiate
-
-        optimizer = instantiate(self.hparams.optimizer)(self.parameters())
+        optimizer = build_optimizer(self.hparams.optimizer, self.parameters())
         if not self.hparams.scheduler:
             return optimizer
-        lr_scheduler = dict(self.hparams.scheduler)
-        lr_scheduler["scheduler"] = instantiate(lr_scheduler["scheduler"])(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": lr_scheduler}
+        return {"optimizer": optimizer, "lr_scheduler": build_lr_scheduler(self.hparams.scheduler, optimizer)}

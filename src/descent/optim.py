@@ -1,19 +1,39 @@
-"""Only what torch.optim lacks: the course's exact momentum, RMSprop and Adam updates.
+"""The optimizers: built from their configs (`build_optimizer`, `build_lr_scheduler`), and only what torch.optim
+lacks, the course's exact momentum, RMSprop and Adam updates.
 
 The course writes (slides "Descente de gradient avec élan", "RMSprop", "ADAM"), for every weight W with gradient dW:
     momentum: V = b*V + (1-b)*dW;                      W := W - a*V
     RMSprop:  S = b*S + (1-b)*dW^2;                    W := W - a*dW/sqrt(S + eps)
     Adam:     V = b1*V + (1-b1)*dW, S = b2*S + (1-b2)*dW^2;  W := W - a*V/sqrt(S + eps)
 all from V = S = 0. torch's RMSprop and Adam put eps outside the square root and Adam corrects the bias, so no
-torch.optim setting equals the last two: they are small Optimizer subclasses using torch's foreach kernels.
+torch.optim setting equals the last two: they are small Optimizer subclasses, one parameter at a time.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 import torch
 from torch.optim import SGD, Optimizer
+
+
+def build_optimizer(config: Mapping[str, Any], parameters: Iterable[torch.Tensor]) -> Optimizer:
+    """The optimizer of an `optimizer` config (a `_partial_: true` Hydra config: torch.optim's, or one below) over
+    `parameters`. The module that trains never names an optimizer."""
+    from hydra.utils import instantiate
+
+    return instantiate(dict(config))(parameters)
+
+
+def build_lr_scheduler(config: Mapping[str, Any], optimizer: Optimizer) -> dict[str, Any]:
+    """Lightning's lr_scheduler dict of a `scheduler` config, its torch scheduler (a `_partial_` config) completed
+    with `optimizer`."""
+    from hydra.utils import instantiate
+
+    lr_scheduler = dict(config)
+    lr_scheduler["scheduler"] = instantiate(lr_scheduler["scheduler"])(optimizer)
+    return lr_scheduler
 
 
 def course_momentum(params: Iterable[torch.Tensor], lr: float, momentum: float = 0.9, weight_decay: float = 0.0) -> SGD:
@@ -25,16 +45,13 @@ def course_momentum(params: Iterable[torch.Tensor], lr: float, momentum: float =
     return SGD(params, lr=lr * (1 - momentum), momentum=momentum, dampening=0.0, weight_decay=weight_decay)
 
 
-def _grads(group: dict, state: dict, names: tuple[str, ...]) -> tuple[list, list, list[list]]:
-    """Parameters with a gradient, their gradients (plus L2 weight decay) and their state buffers."""
-    params = [p for p in group["params"] if p.grad is not None]
-    grads = [p.grad for p in params]
-    if group["weight_decay"]:
-        grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
-    buffers = []
-    for name in names:
-        buffers.append([state[p].setdefault(name, torch.zeros_like(p)) for p in params])
-    return params, grads, buffers
+def _updates(group: dict, state: dict, names: tuple[str, ...]) -> Iterator[tuple[torch.Tensor, ...]]:
+    """(parameter, its gradient plus L2 weight decay, its state buffers...) for each parameter with a gradient."""
+    for param in group["params"]:
+        if param.grad is None:
+            continue
+        grad = param.grad.add(param, alpha=group["weight_decay"]) if group["weight_decay"] else param.grad
+        yield param, grad, *(state[param].setdefault(name, torch.zeros_like(param)) for name in names)
 
 
 class CourseRMSprop(Optimizer):
@@ -54,15 +71,10 @@ class CourseRMSprop(Optimizer):
     def step(self, closure=None):  # type: ignore[override]
         loss = None if closure is None else closure()
         for group in self.param_groups:
-            params, grads, (square_avg,) = _grads(group, self.state, ("square_avg",))
-            if not params:
-                continue
             b = group["alpha"]
-            torch._foreach_mul_(square_avg, b)
-            torch._foreach_addcmul_(square_avg, grads, grads, value=1 - b)
-            denom = torch._foreach_add(square_avg, group["eps"])
-            torch._foreach_sqrt_(denom)
-            torch._foreach_addcdiv_(params, grads, denom, value=-group["lr"])
+            for param, grad, square_avg in _updates(group, self.state, ("square_avg",)):
+                square_avg.mul_(b).addcmul_(grad, grad, value=1 - b)
+                param.addcdiv_(grad, (square_avg + group["eps"]).sqrt_(), value=-group["lr"])
         return loss
 
 
@@ -83,14 +95,9 @@ class CourseAdam(Optimizer):
     def step(self, closure=None):  # type: ignore[override]
         loss = None if closure is None else closure()
         for group in self.param_groups:
-            params, grads, (exp_avg, exp_avg_sq) = _grads(group, self.state, ("exp_avg", "exp_avg_sq"))
-            if not params:
-                continue
             b1, b2 = group["betas"]
-            torch._foreach_lerp_(exp_avg, grads, 1 - b1)
-            torch._foreach_mul_(exp_avg_sq, b2)
-            torch._foreach_addcmul_(exp_avg_sq, grads, grads, value=1 - b2)
-            denom = torch._foreach_add(exp_avg_sq, group["eps"])
-            torch._foreach_sqrt_(denom)
-            torch._foreach_addcdiv_(params, exp_avg, denom, value=-group["lr"])
+            for param, grad, exp_avg, exp_avg_sq in _updates(group, self.state, ("exp_avg", "exp_avg_sq")):
+                exp_avg.lerp_(grad, 1 - b1)
+                exp_avg_sq.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+                param.addcdiv_(exp_avg, (exp_avg_sq + group["eps"]).sqrt_(), value=-group["lr"])
         return loss

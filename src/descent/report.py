@@ -6,7 +6,6 @@ failed run folder, and on a sweep from its jobs' results.json alone. It never tr
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -14,32 +13,16 @@ from typing import Any
 
 import pandas as pd
 
+from descent.results import overrides_of, read_results, status_of
+from descent.tables import cell, markdown
+
 RANK_METRIC = "val/acc"  # the sweep's winner is chosen on validation, as the best epoch is; test is only reported
 TABLE_NUMBERS = ("best_epoch", "epochs", "steps", "duration_s", "peak_rss_mb", "peak_gpu_mb")
 CURVE_AXES = (("epoch", "epoch"), ("step", "optimizer steps"), ("time_s", "wall-clock seconds"))
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text())
-
-
 def _metrics_of(entry: dict[str, Any]) -> dict[str, float]:
     return dict(entry.get("metrics") or entry.get("mean") or {})  # a CV job of a sweep: its means
-
-
-def _fmt(value: Any) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4f}" if abs(value) < 100 else f"{value:.1f}"
-    return str(value).replace("|", "\\|")
-
-
-def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
-    """A GitHub Markdown table. By hand: pandas' to_markdown needs the optional tabulate package."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_fmt(cell) for cell in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def _curves(run_dir: Path) -> dict[str, list[float]] | None:
@@ -48,15 +31,6 @@ def _curves(run_dir: Path) -> dict[str, list[float]] | None:
         return None
     frame = pd.read_csv(path)
     return {column: frame[column].tolist() for column in frame.columns} if len(frame) else None
-
-
-def _overrides(run_dir: Path, results: dict[str, Any]) -> list[str]:
-    path = run_dir / ".hydra" / "overrides.yaml"
-    if path.is_file():
-        from omegaconf import OmegaConf
-
-        return [str(item) for item in OmegaConf.load(path)]
-    return list(results.get("overrides") or [])
 
 
 def _parse_overrides(overrides: list[str]) -> dict[str, Any]:
@@ -76,21 +50,21 @@ def report_run(run_dir: Path, b: float = 0.9) -> Path:
     and report.md with the best epoch's numbers."""
     from descent import plots
 
-    results = _read_json(run_dir / "results.json")
+    results = read_results(run_dir)
     lines = [
         f"# Run `{run_dir.name}`",
         "",
-        f"Overrides: `{' '.join(_overrides(run_dir, results)) or '(defaults)'}`",
+        f"Overrides: `{' '.join(overrides_of(run_dir, results)) or '(defaults)'}`",
         "",
         f"Status: **{results.get('status')}**" + (f" ({results['error']})" if results.get("error") else ""),
     ]
     metrics = _metrics_of(results)
     if metrics:
         lines += ["", f"Metrics of the best epoch ({results.get('best_epoch')}, chosen on val/acc):", ""]
-        lines.append(markdown_table(["metric", "value"], [[key, value] for key, value in metrics.items()]))
+        lines.append(markdown(["metric", "value"], [[key, value] for key, value in metrics.items()]))
     numbers = [[key, results[key]] for key in (*TABLE_NUMBERS, "n_train", "train_samples_per_s") if key in results]
     if numbers:
-        lines += ["", markdown_table(["", "value"], numbers)]
+        lines += ["", markdown(["", "value"], numbers)]
     epochs = _curves(run_dir)
     if epochs:
         steps_path = run_dir / "steps.csv"
@@ -121,18 +95,18 @@ def report_cv(cv_dir: Path) -> Path:
     metric over folds) and report.md with one row per fold."""
     from descent import plots
 
-    results = _read_json(cv_dir / "results.json")
+    results = read_results(cv_dir)
     mean = {key: value for key, value in (results.get("mean") or {}).items() if value is not None}
     std = {key: value or 0.0 for key, value in (results.get("std") or {}).items()}  # null: a single fold
     folds = list(results.get("folds") or [])
     lines = [f"# Cross-validation `{cv_dir.name}`: {len(folds)} folds", ""]
     metric_names = list(mean) or sorted({key for fold in folds for key in _metrics_of(fold)})
-    lines.append(markdown_table(["metric", "mean", "std"], [[m, mean.get(m), std.get(m)] for m in metric_names]))
+    lines.append(markdown(["metric", "mean", "std"], [[m, mean.get(m), std.get(m)] for m in metric_names]))
     rows = [
         [fold.get("dir", f"fold_{i}"), fold.get("status"), *(_metrics_of(fold).get(m) for m in metric_names)]
         for i, fold in enumerate(folds)
     ]
-    lines += ["", "## Folds", "", markdown_table(["fold", "status", *metric_names], rows)]
+    lines += ["", "## Folds", "", markdown(["fold", "status", *metric_names], rows)]
     if mean:
         png = plots.mean_std_bars(
             mean, std, cv_dir / "cv_metrics.png", f"{cv_dir.name}: mean ± std over {len(folds)} folds"
@@ -146,23 +120,19 @@ def report_cv(cv_dir: Path) -> Path:
 
 
 def _jobs(sweep_dir: Path) -> list[tuple[Path, dict[str, Any]]]:
-    from descent.sweep import job_folders
+    from descent.summary import job_folders
 
-    return [
-        (path, _read_json(path / "results.json"))
-        for path in job_folders(sweep_dir)
-        if (path / "results.json").is_file()
-    ]
+    return [(path, results) for path in job_folders(sweep_dir) if (results := read_results(path)) is not None]
 
 
 def report_sweep(sweep_dir: Path) -> Path:
     """The summary table (one row per job, best first), the winner and its margin, the best val/acc against each
     swept key, and validation curves of every job coloured by each swept value against epochs, steps and seconds."""
     from descent import plots
-    from descent.sweep import summarize, summary_markdown
+    from descent.summary import summarize, summary_markdown
 
     jobs = _jobs(sweep_dir)
-    settings = {path.name: _parse_overrides(_overrides(path, results)) for path, results in jobs}
+    settings = {path.name: _parse_overrides(overrides_of(path, results)) for path, results in jobs}
     all_keys = list(dict.fromkeys(key for setting in settings.values() for key in setting))
     swept = [key for key in all_keys if len({repr(s.get(key)) for s in settings.values()}) > 1]
 
@@ -178,7 +148,7 @@ def report_sweep(sweep_dir: Path) -> Path:
         "",
         "## Summary (best val/acc first)",
         "",
-        *summary_markdown(*summarize(sweep_dir)),  # the table of summary.md
+        summary_markdown(*summarize(sweep_dir)),  # the table of summary.md
     ]
     curves = [(path.name, c) for path, _ in jobs if (c := _curves(path))]
     for key in swept:
@@ -209,14 +179,14 @@ def _verdict(ranked: list[tuple[Path, dict[str, Any]]], settings: dict[str, dict
         return "No job finished with a validation accuracy."
     path, best = finished[0]
     setting = " ".join(f"{k}={settings[path.name].get(k)}" for k in swept) or "(all jobs alike)"
-    text = f"**Best: job {path.name}** ({setting}): {RANK_METRIC} {_fmt(_metrics_of(best)[RANK_METRIC])}"
+    text = f"**Best: job {path.name}** ({setting}): {RANK_METRIC} {cell(_metrics_of(best)[RANK_METRIC])}"
     if "test/acc" in _metrics_of(best):
-        text += f", test/acc {_fmt(_metrics_of(best)['test/acc'])}"
+        text += f", test/acc {cell(_metrics_of(best)['test/acc'])}"
     if len(finished) > 1:
         runner_path, runner = finished[1]
         margin = _metrics_of(best)[RANK_METRIC] - _metrics_of(runner)[RANK_METRIC]
         text += f"; {margin:+.4f} {RANK_METRIC} over the runner-up, job {runner_path.name}"
-    failed = [path.name for path, r in ranked if r.get("status") not in ("ok", "diverged")]
+    failed = [path.name for path, r in ranked if not status_of(r).finished]
     return text + (f". Failed jobs: {', '.join(failed)}." if failed else ".")
 
 
@@ -228,9 +198,9 @@ def _write(folder: Path, lines: list[str]) -> Path:
 
 def report(folder: Path, b: float = 0.9) -> Path:
     """The report of a run, CV or sweep folder, told apart by their files (see the contract's Outputs)."""
-    results_path = folder / "results.json"
-    if results_path.is_file():
-        return report_cv(folder) if "folds" in _read_json(results_path) else report_run(folder, b)
-    if any((path / "results.json").is_file() for path in folder.iterdir() if path.is_dir()):
+    results = read_results(folder)
+    if results is not None:
+        return report_cv(folder) if "folds" in results else report_run(folder, b)
+    if any(read_results(path) is not None for path in folder.iterdir() if path.is_dir()):
         return report_sweep(folder)
     raise FileNotFoundError(f"{folder}: not a run folder (no results.json) nor a sweep folder (no <job>/results.json)")

@@ -1,163 +1,88 @@
-"""What a run leaves on disk: metrics.csv (one row per epoch), steps.csv (the training loss of every step) and
-results.json (the best epoch's numbers)."""
+"""results.json, the run's answer: its schema (the statuses), the one writer and the one reader, and the overrides
+that made a run folder. Everything that reads run folders (sweeps, comparisons, reports) goes through here."""
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
 import math
 import resource
 import time
 from collections.abc import Iterator
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
-import torch
-from pytorch_lightning.trainer.states import TrainerFn
+from omegaconf import OmegaConf
 
-COLUMNS = (
-    "epoch",
-    "step",
-    "time_s",
-    "train/loss",
-    "train/acc",
-    "train/f1",
-    "val/loss",
-    "val/acc",
-    "val/f1",
-    "lr",
-)
-INTEGER_COLUMNS = ("epoch", "step")  # written as ints in metrics.csv
+from descent.files import write_atomically
+
+RESULTS = "results.json"
 
 
-class EpochHistory(pl.Callback):
-    """Records each epoch's metrics and writes `metrics.csv` as it goes, whatever the logger.
+class Status(str, Enum):
+    """How a run ended (`status` in results.json); a folder without results.json is `missing`."""
 
-    Written by hand because Lightning's CSVLogger writes one row per log call (so train, val and lr land on separate
-    rows), and deletes an existing metrics.csv when a run resumes into its folder. The rows travel in checkpoints.
-    """
+    OK = "ok"
+    DIVERGED = "diverged"  # the loss became NaN or infinite: a result, not a failure
+    INTERRUPTED = "interrupted"  # a signal: last.ckpt is written, the run can be resumed
+    FAILED = "failed"  # with `error`
+    MISSING = "missing"
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.rows: list[dict[str, float]] = []
-        self._elapsed_before = 0.0  # training seconds of the run before a resume
-        self._started = 0.0
-        self._lr = float("nan")
-        self._written = 0  # rows already in metrics.csv: later epochs append theirs
-        self._packed = _no_rows()  # the first rows as state_dict packed them: (values, present)
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._started = time.perf_counter()
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._lr = trainer.optimizers[0].param_groups[0]["lr"]  # the lr this epoch trains with (schedulers step later)
-
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
-            return
-        logged = trainer.callback_metrics
-        row = {
-            "epoch": trainer.current_epoch,
-            "step": trainer.global_step,
-            "time_s": round(self._elapsed_before + time.perf_counter() - self._started, 4),
-            **{key: float(logged[key]) for key in COLUMNS if key in logged},
-            "lr": self._lr,
-        }
-        self.rows.append(row)
-        if trainer.is_global_zero:  # DDP: the other ranks hold the same synced rows
-            self.write()
-
-    def write(self) -> None:
-        """Append the new rows; the first write of a fit (and of a resume, whose rows come from its checkpoint)
-        rewrites the file whole."""
-        with open(self.path, "a" if self._written else "w", newline="") as file:
-            writer = csv.DictWriter(file, fieldnames=COLUMNS, extrasaction="ignore")
-            if not self._written:
-                writer.writeheader()
-            writer.writerows(self.rows[self._written :])
-        self._written = len(self.rows)
-
-    def state_dict(self) -> dict[str, Any]:
-        """The rows as one float64 tensor over COLUMNS and a mask of the values each row has: as dicts, torch.save
-        would pickle ~23 objects a row, and every epoch's last.ckpt would take longer to write than the one before
-        (+0.6 ms at epoch 200). Rows already packed are kept, so a save packs only the new ones."""
-        elapsed = self._elapsed_before + (time.perf_counter() - self._started if self._started else 0.0)
-        values, present = self._packed
-        if len(values) < len(self.rows):
-            new = self.rows[len(values) :]
-            values = torch.cat([values, torch.tensor([[row.get(key, math.nan) for key in COLUMNS] for row in new],
-                                                     dtype=torch.float64)])  # fmt: skip
-            present = torch.cat([present, torch.tensor([[key in row for key in COLUMNS] for row in new])])
-            self._packed = values, present
-        return {"columns": list(COLUMNS), "values": values, "present": present, "elapsed": elapsed, "lr": self._lr}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.rows = _unpacked(state_dict) if "values" in state_dict else list(state_dict["rows"])  # or as dicts
-        self._packed = _no_rows()
-        self._written = 0
-        self._elapsed_before = float(state_dict["elapsed"])
-        self._lr = state_dict.get("lr", self._lr)  # a mid-epoch resume skips on_train_epoch_start
-
-    def best(self) -> dict[str, float] | None:
-        """The row with the highest val/acc, the first one on ties, as ModelCheckpoint(mode=max) keeps it."""
-        scored = [row for row in self.rows if math.isfinite(row.get("val/acc", math.nan))]
-        return max(scored, key=lambda row: row["val/acc"]) if scored else None
+    @property
+    def finished(self) -> bool:
+        """A result a sweep keeps (and a re-run skips): ok or diverged."""
+        return self in (Status.OK, Status.DIVERGED)
 
 
-def _no_rows() -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.zeros(0, len(COLUMNS), dtype=torch.float64), torch.zeros(0, len(COLUMNS), dtype=torch.bool)
+def status_of(results: dict[str, Any] | None) -> Status:
+    return Status(results.get("status", Status.MISSING)) if results is not None else Status.MISSING
 
 
-def _unpacked(state: dict[str, Any]) -> list[dict[str, float]]:
-    """EpochHistory's rows back from their packed form: the values each row had, epoch and step as ints."""
-    rows = []
-    for values, present in zip(state["values"].tolist(), state["present"].tolist(), strict=True):
-        row = {key: value for key, value, has in zip(state["columns"], values, present, strict=True) if has}
-        rows.append({key: int(value) if key in INTEGER_COLUMNS else value for key, value in row.items()})
-    return rows
+def _finite(value: Any) -> Any:
+    """JSON has no NaN: a diverged metric is written as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
 
 
-class StepLosses(pl.Callback):
-    """Writes the training loss of every optimizer step to `steps.csv` (`epoch`, `step`, `loss`), once per epoch.
+def write_json(path: Path, content: dict[str, Any]) -> Path:
+    """Write `content` as JSON (NaN as null), atomically: a reader never sees half a file."""
+    write_atomically(path, (json.dumps(_finite(content), indent=2) + "\n").encode())
+    return path
 
-    The losses stay on the device during the epoch and are read back in one transfer at its end: no per-step
-    synchronisation, no per-step `self.log` (each costs ~0.35 ms a step here).
-    """
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._losses: list[torch.Tensor] = []
-        self._steps: list[int] = []
+def write_results(run_dir: Path, results: dict[str, Any]) -> Path:
+    """Write `run_dir/results.json`."""
+    return write_json(run_dir / RESULTS, results)
 
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.is_global_zero and (trainer.ckpt_path is None or not self.path.is_file()):  # a resume appends
-            self.path.write_text("epoch,step,loss\n")
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:  # fmt: skip
-        loss = outputs.get("loss") if isinstance(outputs, dict) else None
-        if loss is not None:
-            self._losses.append(loss)
-            self._steps.append(trainer.global_step)
+def read_results(run_dir: Path) -> dict[str, Any] | None:
+    """`run_dir/results.json`, or None when the folder has none."""
+    path = run_dir / RESULTS
+    return json.loads(path.read_text()) if path.is_file() else None
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._write(trainer)
 
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._write(trainer)  # an interrupted epoch keeps its steps so far; a resume appends the rest
+def overrides_of(run_dir: Path, results: dict[str, Any] | None = None) -> list[str]:
+    """The overrides that made a run folder, as typed: results.json's (the run's own, also after a resume), else
+    Hydra's `.hydra/overrides.yaml`, else none."""
+    results = read_results(run_dir) if results is None else results
+    if results is not None and "overrides" in results:
+        return [str(item) for item in results["overrides"]]
+    path = run_dir / ".hydra" / "overrides.yaml"
+    return [str(item) for item in OmegaConf.load(path)] if path.is_file() else []
 
-    def _write(self, trainer: pl.Trainer) -> None:
-        if not trainer.is_global_zero:  # DDP: steps.csv holds the losses of rank 0's batches
-            self._losses, self._steps = [], []
-            return
-        losses = torch.stack(self._losses).tolist() if self._losses else []
-        with open(self.path, "a") as file:
-            file.writelines(
-                f"{trainer.current_epoch},{step},{loss!r}\n" for step, loss in zip(self._steps, losses, strict=True)
-            )
-        self._losses, self._steps = [], []
+
+def task_overrides() -> list[str]:
+    """The command line's overrides as typed. Iterating Hydra's list would resolve them: `+x=${oc.env:KEY}` would
+    come out holding the secret's value."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return OmegaConf.to_container(HydraConfig.get().overrides.task, resolve=False)
 
 
 def peak_rss_mb() -> float:
@@ -167,6 +92,8 @@ def peak_rss_mb() -> float:
 
 def peak_gpu_mb() -> float | None:
     """The peak GPU memory torch allocated in this process, in MB; None without a GPU in use."""
+    import torch
+
     if not torch.cuda.is_available() or not torch.cuda.is_initialized():
         return None
     return round(torch.cuda.max_memory_allocated() / 2**20, 1)
@@ -180,23 +107,23 @@ def is_rank_zero() -> bool:
 
 
 @contextlib.contextmanager
-def recorded(path: Path, results: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    """Write `results` to the results.json at `path` whatever happens inside: what the run adds (status ok or
-    diverged), or `failed`/`interrupted` with the error; then the duration and peak memory. Rank 0 writes it."""
+def recorded(run_dir: Path, results: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Write `results` to run_dir/results.json whatever happens inside: what the run adds (status ok or diverged),
+    or `failed`/`interrupted` with the error; then the duration and peak memory. Rank 0 writes it."""
     from descent.config import ConfigError
-    from descent.reliability import Interrupted
+    from descent.resume import Interrupted
 
     started = time.perf_counter()
     try:
         yield results
     except Interrupted as stop:  # SIGTERM/SIGINT: last.ckpt is written; the process exits with 128 + the signal
-        results |= {"status": "interrupted", "error": str(stop)}
+        results |= {"status": Status.INTERRUPTED, "error": str(stop)}
         raise
     except ConfigError as error:
-        results["error"] = str(error)
+        results |= {"status": Status.FAILED, "error": str(error)}
         raise
     except Exception as error:
-        results["error"] = f"{type(error).__name__}: {error}"
+        results |= {"status": Status.FAILED, "error": f"{type(error).__name__}: {error}"}
         raise
     finally:
         results["duration_s"] = round(time.perf_counter() - started, 3)
@@ -204,24 +131,4 @@ def recorded(path: Path, results: dict[str, Any]) -> Iterator[dict[str, Any]]:
         if (gpu_mb := peak_gpu_mb()) is not None:
             results["peak_gpu_mb"] = gpu_mb
         if is_rank_zero():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_results(path, results)
-
-
-def _finite(value: Any) -> Any:
-    """JSON has no NaN: a diverged metric is written as null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_finite(item) for item in value]
-    return value
-
-
-def write_results(path: Path, results: dict[str, Any]) -> None:
-    path.write_text(json.dumps(_finite(results), indent=2) + "\n")
-
-
-def read_results(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text())
+            write_results(run_dir, results)

@@ -5,9 +5,8 @@ Both train the same MLP (conf/model) with Adam (conf/optimizer) on the same digi
 model, DataModule and Trainer made by descent.train's own builders, default callbacks and CSV logger included. The
 plain side is the loop one writes by hand: shuffle, slice tensors, step; then the validation loss and accuracy.
 Between them, "bare Lightning" runs that plain loop's model, optimizer and slices in Lightning's Trainer with
-nothing else and Lightning's defaults: what Lightning's own loop costs as it comes. "Floor" is the same with the
-per-step cuts our run makes (descent.overhead): the least Lightning's loop costs here, before any metric, log,
-callback or checkpoint.
+nothing else and Lightning's defaults: what Lightning's own loop costs as it comes, before any metric, log, callback
+or checkpoint.
 Repeats are interleaved and medians taken, so a machine busy with other work slows both sides alike. It ends with
 the start-up time of a 3-epoch `python train.py`, then the line `overhead ratio at batch size 32: X.XX`.
 
@@ -34,23 +33,16 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from descent import CONF_DIR
+from descent.callbacks import EpochHistory, GracefulStop
 from descent.config import check_batch_size
-from descent.data.datamodule import batch_bounds, feature_stats
+from descent.data.batches import batch_bounds
+from descent.data.datamodule import feature_stats
 from descent.data.sources import build_source
 from descent.data.splits import train_val_test
 from descent.model import MLP
-from descent.overhead import LeanHooks, NoProfiler, already_on
-from descent.reliability import GracefulStop
-from descent.results import EpochHistory
-from descent.train import (
-    CONF_DIR,
-    available_cores,
-    build_datamodule,
-    build_model,
-    build_trainer,
-    quiet_lightning,
-    set_threads,
-)
+from descent.train import build_datamodule, build_model
+from descent.trainer import available_cores, build_trainer, quiet_lightning, set_threads
 
 BATCH_SIZES: tuple[int | str, ...] = (1, 32, 256, "full")
 RATIO_GOALS: dict[int | str, float] = {1: 1.6, 32: 1.25, 256: 1.2, "full": 1.15}
@@ -64,7 +56,7 @@ def compose_config(batch_size: int | str, epochs: int, overrides: list[str] = ()
     fixed = [f"data.batch_size={batch_size}", f"trainer.max_epochs={epochs}"]
     if batch_size == 1:
         fixed.append("model.batch_norm=false")
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name="train", overrides=[*fixed, *overrides])
 
 
@@ -81,8 +73,14 @@ class PlainLoop:
         (images, labels), (self.val_images, self.val_labels) = data["train"], data["val"]
         self.images, self.labels = images, labels
         model = cfg.model
-        self.net = MLP(images.shape[1], int(labels.max()) + 1, list(model.hidden_dims), model.batch_norm,
-                       model.dropout, model.activation).to(images.device)  # fmt: skip
+        self.net = MLP(
+            [images.shape[1]],
+            int(labels.max()) + 1,
+            list(model.hidden_dims),
+            model.batch_norm,
+            model.dropout,
+            model.activation,
+        ).to(images.device)
         opt = cfg.optimizer
         self.optimizer = (
             instantiate(opt)(self.net.parameters())
@@ -152,14 +150,6 @@ class BareLightning(pl.LightningModule):
         return self.loop.optimizer
 
 
-class LightningFloor(LeanHooks, BareLightning):
-    """BareLightning with the per-step cuts of our run: LeanHooks here, NoProfiler in its Trainer, and batches already
-    on the device not moved again (what ImageDataModule does for our run)."""
-
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        return batch if already_on(batch, device) else super().transfer_batch_to_device(batch, device, dataloader_idx)
-
-
 class EpochClock(pl.Callback):
     """Wall-clock marks at each training epoch's start and at the end of training: an epoch lasts from its mark to
     the next one, so it counts its steps, validation, checkpoints, logging and progress bar."""
@@ -179,8 +169,7 @@ class EpochClock(pl.Callback):
 
 @dataclass
 class Case:
-    """One batch size: its configs, its plain loops (one per thread count) and the epoch times of each side (bare and
-    floor: Lightning as it comes, and with our run's cuts)."""
+    """One batch size: its configs, its plain loops (one per thread count) and the epoch times of each side."""
 
     batch_size: int | str
     cfg: DictConfig
@@ -189,7 +178,6 @@ class Case:
     threads: int = 0
     ours: list[float] = field(default_factory=list)
     bare: dict[int, list[float]] = field(default_factory=dict)
-    floor: dict[int, list[float]] = field(default_factory=dict)
     plain: dict[int, list[float]] = field(default_factory=dict)
     loops: dict[int, PlainLoop] = field(default_factory=dict)
 
@@ -206,11 +194,11 @@ def time_ours(case: Case, source: Any, split: Any, root: Path, warmup: int, epoc
     pl.seed_everything(cfg.seed, verbose=False)
     run_dir = Path(tempfile.mkdtemp(dir=root))
     model = build_model(cfg, source, split)
-    case.threads = set_threads(cfg.threads, batch_size, model)
+    case.threads = set_threads(cfg.threads, batch_size, model, list(source.image_shape))
     datamodule = build_datamodule(cfg, source, split, batch_size)
     clock = EpochClock()
     history, stopper = EpochHistory(run_dir / "metrics.csv"), GracefulStop(run_dir / "checkpoints" / "last.ckpt")
-    trainer = build_trainer(cfg, run_dir, history, stopper, first=(clock,))
+    trainer = build_trainer(cfg, run_dir, history, stopper, extra=(clock,))
     trainer.fit(model, datamodule=datamodule)
     case.steps = len(datamodule.train_dataloader())
     case.ours += clock.epoch_seconds()[warmup:]
@@ -228,31 +216,47 @@ def time_plain(case: Case, threads: int, warmup: int, epochs: int) -> None:
         case.plain.setdefault(threads, []).append(time.perf_counter() - started)
 
 
-def time_bare(case: Case, data: dict[str, tuple[torch.Tensor, torch.Tensor]], same_optimizer: bool, threads: int,
-              warmup: int, epochs: int, floor: bool = False) -> None:  # fmt: skip
-    """A fresh BareLightning run (LightningFloor with `floor`) at a thread count; appends the timed epochs' seconds."""
+def time_bare(
+    case: Case,
+    data: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    same_optimizer: bool,
+    threads: int,
+    warmup: int,
+    epochs: int,
+) -> None:
+    """A fresh BareLightning run at a thread count; appends the timed epochs' seconds."""
     torch.set_num_threads(threads)
     loop = PlainLoop(case.cfg, data, same_optimizer)
     clock = EpochClock()
     trainer = pl.Trainer(
-        accelerator=case.cfg.trainer.accelerator, devices=1, max_epochs=warmup + epochs, callbacks=[clock],
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, profiler=NoProfiler() if floor else None,
-    )  # fmt: skip
-    module = LightningFloor(loop) if floor else BareLightning(loop)
-    trainer.fit(module, SliceLoader(loop, train=True), SliceLoader(loop, train=False))
-    (case.floor if floor else case.bare).setdefault(threads, []).extend(clock.epoch_seconds()[warmup:])
+        accelerator=case.cfg.trainer.accelerator,
+        devices=1,
+        max_epochs=warmup + epochs,
+        callbacks=[clock],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(BareLightning(loop), SliceLoader(loop, train=True), SliceLoader(loop, train=False))
+    case.bare.setdefault(threads, []).extend(clock.epoch_seconds()[warmup:])
 
 
 def time_startup(runs: int, root: Path) -> list[float]:
     """Seconds from process start to exit of `python train.py trainer.max_epochs=3`, each into its own folder."""
-    train_py = Path(CONF_DIR).parent / "train.py"
     seconds = []
     for index in range(runs):
-        command = [sys.executable, str(train_py), f"trainer.max_epochs={STARTUP_EPOCHS}",
-                   f"hydra.run.dir={root / f'startup_{index}'}"]  # fmt: skip
+        folder = root / f"startup_{index}"
+        command = [
+            sys.executable,
+            "-m",
+            "descent.train",
+            f"trainer.max_epochs={STARTUP_EPOCHS}",
+            f"hydra.run.dir={folder}",
+        ]
         started = time.perf_counter()
-        subprocess.run(command, check=True, capture_output=True, cwd=train_py.parent)
+        subprocess.run(command, check=True, capture_output=True, cwd=root)
         seconds.append(time.perf_counter() - started)
     return seconds
 
@@ -279,24 +283,39 @@ def report(cases: list[Case], startup: list[float], n_train: int, args: argparse
         title=f"descent against a plain PyTorch loop, {device}: median of {args.repeats} interleaved repeats x "
         f"{args.epochs} epochs (after {args.warmup} warm-up)",
         caption=f"plain: tensor slices, {optimizer}, validation each epoch; bare Lightning: the plain loop's model, "
-        "optimizer and slices in Lightning's Trainer as it comes, with no metric, log, callback or checkpoint; floor: "
-        "bare Lightning with descent's per-step cuts (descent.overhead), the least Lightning's loop costs; ratios: "
+        "optimizer and slices in Lightning's Trainer as it comes, with no metric, log, callback or checkpoint; ratios: "
         "s/epoch over plain's; (Nt): torch threads; samples/s: training samples per second of epoch; batch 1 runs "
         "without batch norm everywhere",
         box=box.SIMPLE_HEAD,
     )
-    for column in ("batch", "steps", "plain\ns/epoch", "bare Lightning\ns/epoch", "descent\ns/epoch",
-                   "descent\nsamples/s", "bare\nratio", "floor\nratio", "ratio", "goal"):  # fmt: skip
+    columns = (
+        "batch",
+        "steps",
+        "plain\ns/epoch",
+        "bare Lightning\ns/epoch",
+        "descent\ns/epoch",
+        "descent\nsamples/s",
+        "bare\nratio",
+        "ratio",
+        "goal",
+    )
+    for column in columns:
         table.add_column(column, justify="right")
     for case in cases:
         threads, plain = fastest(case.plain)
-        ours, bare, floor = statistics.median(case.ours), fastest(case.bare)[1], fastest(case.floor)[1]
+        ours, bare = statistics.median(case.ours), fastest(case.bare)[1]
         goal = RATIO_GOALS[case.batch_size]
         table.add_row(
-            str(case.batch_size), str(case.steps), f"{plain:.4f} ({threads}t)", f"{bare:.4f}",
-            f"{ours:.4f} ({case.threads}t)", f"{n_train / ours:,.0f}", f"{bare / plain:.2f}", f"{floor / plain:.2f}",
-            f"{ours / plain:.2f}", f"[green]<= {goal}[/]" if ours / plain <= goal else f"[red]<= {goal}[/]",
-        )  # fmt: skip
+            str(case.batch_size),
+            str(case.steps),
+            f"{plain:.4f} ({threads}t)",
+            f"{bare:.4f}",
+            f"{ours:.4f} ({case.threads}t)",
+            f"{n_train / ours:,.0f}",
+            f"{bare / plain:.2f}",
+            f"{ours / plain:.2f}",
+            f"[green]<= {goal}[/]" if ours / plain <= goal else f"[red]<= {goal}[/]",
+        )
     console = Console(width=max(Console().width, 110))  # 80 columns (a pipe, CI) would fold the figures
     console.print(table)
     if startup:
@@ -344,7 +363,6 @@ def main(argv: list[str]) -> None:
                 for threads in thread_counts:
                     time_plain(case, threads, args.warmup, args.epochs)
                     time_bare(case, data, args.same_optimizer, threads, args.warmup, args.epochs)
-                    time_bare(case, data, args.same_optimizer, threads, args.warmup, args.epochs, floor=True)
                 time_ours(case, source, split, root, args.warmup, args.epochs)
         startup = time_startup(args.startup_runs, root)
     report(cases, startup, len(split.train), args, str(device))

@@ -26,7 +26,6 @@ from pathlib import Path
 
 from descent import CONF_DIR
 
-ROOT = Path(__file__).resolve().parents[3]
 POLL_S = 0.05
 
 
@@ -65,7 +64,7 @@ def watch(command: list[str]) -> dict[str, float]:
     """Run `command`; its wall time and peak RssAnon/RssFile (MB)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     started = time.perf_counter()
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     peaks = {"RssAnon": 0, "RssFile": 0}
 
     def watch() -> None:
@@ -92,7 +91,7 @@ def watch(command: list[str]) -> dict[str, float]:
 
 def train_and_watch(overrides: list[str], run_dir: Path) -> dict[str, float]:
     """Run train.py with `overrides` into `run_dir`: its first epoch's samples/s, test/acc, wall time, peak memory."""
-    watched = watch([sys.executable, str(ROOT / "train.py"), *overrides, f"hydra.run.dir={run_dir}"])
+    watched = watch([sys.executable, "-m", "descent.train", *overrides, f"hydra.run.dir={run_dir}"])
     results = json.loads((run_dir / "results.json").read_text())
     with open(run_dir / "metrics.csv") as file:
         first_epoch_s = float(next(csv.DictReader(file))["time_s"])

@@ -21,17 +21,30 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[3]
 JOBS = "seed=1,2,3,4"
 
 
 def run_sweep(sweep_dir: Path, launcher: str, epochs: int) -> float:
     """Wall seconds of one 4-job sweep from process start to exit."""
-    command = [sys.executable, str(ROOT / "train.py"), "-m", JOBS, f"hydra/launcher={launcher}",
-               f"hydra.sweep.dir={sweep_dir}", f"trainer.max_epochs={epochs}", "callbacks.early_stopping=null",
-               "callbacks.progress_bar=null", "logger=none"]  # fmt: skip
+    command = [
+        *(
+            sys.executable,
+            "-m",
+            "descent.train",
+            "-m",
+            JOBS,
+            f"hydra/launcher={launcher}",
+            f"hydra.sweep.dir={sweep_dir}",
+        ),
+        *(
+            f"trainer.max_epochs={epochs}",
+            "callbacks.early_stopping=null",
+            "callbacks.progress_bar=null",
+            "logger=none",
+        ),
+    ]
     started = time.perf_counter()
-    subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
+    subprocess.run(command, check=True, capture_output=True)
     return time.perf_counter() - started
 
 

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from omegaconf import DictConfig
 
-from descent.config import ConfigError
+from descent.config import ConfigError, Rule, Schema, is_bool, is_int, is_str, null_or, positive_int
+from descent.data.named import load_named
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -263,7 +264,47 @@ SOURCES: dict[str, Any] = {
     "arrays": load_arrays,
     "folder": load_folder,
     "synthetic": load_synthetic,
+    "mnist": load_named,
+    "fashion_mnist": load_named,
+    "kmnist": load_named,
+    "cifar10": load_named,
 }
+
+# The keys of each source's `data` config beside the common ones (descent.config.DATA); memory-mapped sources stream
+STREAMED: Schema = {"stream": Rule(lambda v: isinstance(v, DictConfig), "expected the data.stream settings")}
+CACHE: Schema = {"cache_dir": Rule(is_str, "expected a folder for the converted arrays")}
+SCHEMAS: dict[str, Schema] = {
+    "digits": {},
+    "arrays": {
+        "images": Rule(null_or(is_str), "expected the path of a .npy file of images"),
+        "labels": Rule(null_or(is_str), "expected the path of a .npy file of labels"),
+        "metadata": Rule(null_or(is_str), "expected null or the path of a .csv file of attributes"),
+        **STREAMED,
+    },
+    "folder": {
+        "root": Rule(null_or(is_str), "expected a folder with one sub-folder of images per class"),
+        "image_size": Rule(positive_int, "expected a positive int (images are image_size x image_size)"),
+        **CACHE,
+        **STREAMED,
+    },
+    "synthetic": {
+        "n_samples": Rule(positive_int, "expected a positive int"),
+        "image_size": Rule(positive_int, "expected a positive int (images are image_size x image_size)"),
+        "num_classes": Rule(lambda v: is_int(v) and v >= 2, "expected an int >= 2"),
+        "generator_seed": Rule(lambda v: is_int(v) and v >= 0, "expected an int >= 0"),
+        "chunk_size": Rule(positive_int, "expected a positive int"),
+        "dir": Rule(is_str, "expected a folder"),
+        **STREAMED,
+    },
+}
+NAMED: Schema = {
+    "root": Rule(is_str, "expected the folder holding the data set's files (torchvision's layout)"),
+    "download": Rule(is_bool, "expected true or false"),
+    "official_test": Rule(is_bool, "expected true (the official test set is the test split) or false (pooled)"),
+    **CACHE,
+    **STREAMED,
+}
+SCHEMAS |= dict.fromkeys(("mnist", "fashion_mnist", "kmnist", "cifar10"), NAMED)
 
 
 def build_source(cfg: DictConfig) -> Source:

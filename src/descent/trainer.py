@@ -1,0 +1,212 @@
+"""The Trainer of a run and what goes into it: its callbacks (the run's own, then `callbacks.*`), loggers, plugins and
+profiler, torch's thread count, and the process set-up (quiet logs, a frozen heap, a clean environment).
+
+`scripts/bench.py` builds its Trainer here too, so that it measures what a user's run gets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.profilers import PassThroughProfiler
+
+from descent.callbacks import EpochHistory, FinishWandbOnError, GracefulStop, RunState, StepLosses
+from descent.config import ConfigError
+from descent.results import task_overrides
+
+log = logging.getLogger("descent")
+MULTI_THREAD_WORK = 10_000_000  # multiply-adds per step from which a second thread pays on these small models
+SPAWNING = ("spawn", "fork", "notebook")  # Lightning strategies whose processes are started by multiprocessing
+EMPTY_IS_UNSET = ("WANDB_", "OMP_NUM_THREADS", "MKL_NUM_THREADS")  # variables whose empty value means "not set"
+
+
+def unset_empty_variables() -> None:
+    """Drop environment variables that are set but empty (as shells, CI files and containers pass unset ones): wandb
+    refuses an empty WANDB_MODE with a traceback, and an empty OMP_NUM_THREADS is no thread count."""
+    for name in [name for name, value in os.environ.items() if value == "" and name.startswith(EMPTY_IS_UNSET)]:
+        del os.environ[name]
+
+
+def quiet_lightning() -> None:
+    """Drop lines that say nothing about the run: Lightning's advert for its cloud service, a deprecation warning
+    raised inside Lightning by this torch version, its advice to sync metrics that torchmetrics has already synced
+    across devices."""
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    warnings.filterwarnings("ignore", message=r".*`training_step` returned `None`")  # a diverged step, on purpose
+    warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\(.*sync_dist=True\)")
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(lambda r: "Tip:" not in r.getMessage())
+
+
+def freeze_heap() -> None:
+    """Move the objects alive now (mostly those importing torch and Lightning leaves) out of the garbage collector's
+    sight: Python's exit would run full collections that traverse them all. Before a later job of the same process
+    (a sweep) it first collects what the previous job left."""
+    if gc.get_freeze_count():
+        gc.collect()  # cheap: the frozen objects are skipped
+    gc.freeze()
+
+
+def available_cores() -> int:
+    """The cores this process may use: its CPU affinity, capped by OMP_NUM_THREADS when set (joblib's workers get
+    cores // jobs there, so that parallel jobs split the cores instead of fighting over them)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cap = os.environ.get("OMP_NUM_THREADS", "")
+    return min(cores, int(cap)) if cap.isdigit() and int(cap) > 0 else cores
+
+
+def multiply_adds(model: torch.nn.Module, input_shape: list[int]) -> int:
+    """The multiply-adds of one sample's forward pass (torch's FLOP counter, halved)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, *input_shape))
+    model.train(was_training)
+    return counter.get_total_flops() // 2
+
+
+def set_threads(threads: int | str, batch_size: int, model: torch.nn.Module, input_shape: list[int]) -> int:
+    """torch's intra-op threads: `auto` picks them from the work of one step, batch size x one sample's
+    multiply-adds: below MULTI_THREAD_WORK one thread (splitting such small operations costs more than it gains),
+    every core above it."""
+    work = batch_size * multiply_adds(model, input_shape) if threads == "auto" else 0
+    count = threads if threads != "auto" else 1 if work < MULTI_THREAD_WORK else available_cores()
+    torch.set_num_threads(int(count))
+    return int(count)
+
+
+class NoProfiler(PassThroughProfiler):
+    """What `trainer.profiler: null` gets: no profiling, at no cost. Lightning wraps each hook call in
+    `profiler.profile(name)`, and its do-nothing PassThroughProfiler opens a generator-based context manager there;
+    this one hands back one shared `nullcontext`."""
+
+    NO_CONTEXT = contextlib.nullcontext()
+
+    def profile(self, action_name: str) -> Any:
+        return self.NO_CONTEXT
+
+
+def plugins() -> list[Any]:
+    """The Trainer's plugins: atomic checkpoint files written in the background and, on SLURM, Lightning's requeue
+    turned off: a requeue is submitit's (hydra/launcher=submitit_slurm), which starts the same job again in its
+    folder, and that resumes it. Both would requeue the job twice."""
+    from lightning_fabric.plugins.environments import SLURMEnvironment
+
+    from descent.checkpoints import BackgroundCheckpointIO
+
+    return [BackgroundCheckpointIO(), *([SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else [])]
+
+
+def run_state(cfg: DictConfig) -> RunState:
+    """A RunState for this run: its config as plain containers, interpolations left unresolved, `ckpt_path` null,
+    and the Hydra overrides that made it (none outside a Hydra job)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    container = OmegaConf.to_container(cfg, resolve=False)
+    container["ckpt_path"] = None
+    return RunState(container, task_overrides() if HydraConfig.initialized() else [])
+
+
+def build_callbacks(cfg: DictConfig | None, run_dir: Path, has_logger: bool) -> list[Any]:
+    """The Lightning callbacks of `callbacks.*` that are not null; checkpoints go to <run_dir>/checkpoints."""
+    from hydra.utils import get_class, instantiate
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    callbacks = []
+    for name, callback_cfg in (cfg or {}).items():
+        if callback_cfg is None:
+            continue
+        if name == "lr_monitor" and not has_logger:
+            log.info("callbacks.lr_monitor is off: it needs a logger (logger=none); metrics.csv still has the lr")
+            continue
+        saves = issubclass(get_class(callback_cfg["_target_"]), ModelCheckpoint)
+        callbacks.append(instantiate(callback_cfg, **({"dirpath": run_dir / "checkpoints"} if saves else {})))
+    return callbacks
+
+
+def build_trainer(
+    cfg: DictConfig,
+    run_dir: Path,
+    history: EpochHistory,
+    stopper: GracefulStop,
+    group: str | None = None,
+    job_type: str = "train",
+    in_sweep: bool = False,
+    extra: Sequence[Any] = (),
+) -> Any:
+    """The Trainer of `trainer.*`: the run's own callbacks (`extra` first, then the epoch history, the step losses,
+    W&B's finish on error, the run state, the signal stopper), those of `callbacks.*`, the loggers of `logger.*`, the
+    checkpoint plugins, and with `trainer.profiler: null` a profiler that costs nothing."""
+    from hydra.utils import instantiate
+    from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar
+
+    from descent.loggers import build_loggers
+
+    loggers = build_loggers(cfg, run_dir, group, job_type)
+    callbacks = [
+        *extra,
+        history,
+        StepLosses(run_dir / "steps.csv"),
+        FinishWandbOnError(stopper),
+        run_state(cfg),
+        stopper,
+        *build_callbacks(cfg.callbacks, run_dir, has_logger=bool(loggers)),
+    ]
+    trainer = instantiate(
+        cfg.trainer,
+        callbacks=callbacks,
+        profiler=cfg.trainer.get("profiler") or NoProfiler(),
+        plugins=plugins(),
+        logger=loggers or False,
+        default_root_dir=str(run_dir),
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+        enable_progress_bar=any(isinstance(c, ProgressBar) for c in callbacks),
+    )
+    check_distributed(trainer, cfg.trainer, in_sweep)
+    return trainer
+
+
+def check_distributed(trainer: Any, trainer_cfg: DictConfig, in_sweep: bool) -> None:
+    """Refuse the multi-process set-ups that Lightning would run wrongly here, naming what to use instead.
+
+    Lightning's `ddp` re-launches this script once a device: under Hydra's -m that re-runs the whole sweep (a second
+    sweep folder; with Optuna the ranks train different hyperparameters), and under submitit it re-runs submitit's
+    own script (Lightning issue 11300). Spawned processes (`ddp_spawn`) keep the run's epochs to themselves.
+    On SLURM (hydra/launcher=submitit_slurm with one task a device) the tasks are the ranks: nothing re-launches.
+    """
+    from pytorch_lightning.accelerators import CPUAccelerator
+
+    strategy = trainer_cfg.get("strategy", "auto")
+    named = strategy if isinstance(strategy, str) else str(strategy.get("start_method", ""))
+    if any(word in named for word in SPAWNING):
+        allowed = (
+            "expected ddp (trainer=ddp): spawned processes keep the epochs, steps and divergence of the run to "
+            "themselves, so results.json would miss them"
+        )
+        raise ConfigError("trainer.strategy", strategy, allowed)
+    environment = getattr(trainer.strategy, "cluster_environment", None)
+    relaunches = trainer.world_size > 1 and not (environment and environment.creates_processes_externally)
+    if in_sweep and relaunches:
+        allowed = (
+            f"expected one device a job inside a sweep (-m), not {trainer.num_devices}: Lightning's ddp re-launches "
+            "the script, which re-runs the whole sweep (Lightning issue 11300). Use one run per command (python "
+            "train.py trainer=ddp ...), single-device jobs (one GPU each with hydra/launcher=joblib), or "
+            "hydra/launcher=submitit_slurm with hydra.launcher.tasks_per_node equal to trainer.devices"
+        )
+        raise ConfigError("trainer.strategy", strategy, allowed)
+    if trainer_cfg.get("sync_batchnorm") and isinstance(trainer.accelerator, CPUAccelerator):
+        allowed = (
+            "expected false on CPU: torch's SyncBatchNorm runs on GPUs only (use trainer.accelerator=gpu, or "
+            "sync_batchnorm=false: each device normalizes its own batch)"
+        )
+        raise ConfigError("trainer.sync_batchnorm", True, allowed)
