@@ -13,13 +13,22 @@ from data_files import labelled_people, write_arrays, write_png_folder
 from descent.config import ConfigError, validate
 
 ONE_EPOCH = ["trainer.max_epochs=1", "callbacks.progress_bar=null", "model.hidden_dims=[16]"]
-LEARN = ["trainer.max_epochs=2", "optimizer.lr=0.01", "data.batch_size=16", "callbacks.progress_bar=null",
-         "model.hidden_dims=[16]"]  # fmt: skip
+LEARN = [
+    "trainer.max_epochs=2",
+    "optimizer.lr=0.01",
+    "data.batch_size=16",
+    "callbacks.progress_bar=null",
+    "model.hidden_dims=[16]",
+]
 
 
 def arrays_overrides(paths):
-    return ["data=arrays", f"data.images={paths['images']}", f"data.labels={paths['labels']}",
-            f"data.metadata={paths['metadata']}"]  # fmt: skip
+    return [
+        "data=arrays",
+        f"data.images={paths['images']}",
+        f"data.labels={paths['labels']}",
+        f"data.metadata={paths['metadata']}",
+    ]
 
 
 @pytest.fixture
@@ -60,8 +69,9 @@ def test_folds_run_as_sweep_jobs_and_gathered_equal_the_folds_of_one_cv_run(trai
     jobs = run_script("train.py", "-m", "cv.folds=3", "cv.fold=0,1,2", *ONE_EPOCH, f"hydra.sweep.dir={sweep}")
     assert jobs.returncode == 0, jobs.stderr
     assert sorted(p.name for p in sweep.glob("*/fold_*")) == ["fold_0", "fold_1", "fold_2"]
-    gathered = subprocess.run([sys.executable, "-m", "descent.crossval", str(sweep)], env=ENV, capture_output=True,
-                              text=True)  # fmt: skip
+    gathered = subprocess.run(
+        [sys.executable, "-m", "descent.crossval", str(sweep)], env=ENV, capture_output=True, text=True
+    )
     assert gathered.returncode == 0, gathered.stderr
     (setting,) = json.loads((sweep / "crossval.json").read_text())["settings"]
     expected = results_of(run_dir)
@@ -72,8 +82,9 @@ def test_folds_run_as_sweep_jobs_and_gathered_equal_the_folds_of_one_cv_run(trai
 
 @pytest.mark.slow
 def test_stratified_group_cv_on_the_users_arrays_keeps_subjects_apart(train, people_files):
-    process, run_dir = train(*arrays_overrides(people_files), "data.stratify_by=[label,sex]",
-                             "data.group_by=subject", "cv.folds=3", *LEARN)  # fmt: skip
+    process, run_dir = train(
+        *arrays_overrides(people_files), "data.stratify_by=[label,sex]", "data.group_by=subject", "cv.folds=3", *LEARN
+    )
     assert process.returncode == 0, process.stderr
     subjects = np.array(labelled_people(n_subjects=60)["subject"])
     tested = []
@@ -88,8 +99,14 @@ def test_stratified_group_cv_on_the_users_arrays_keeps_subjects_apart(train, peo
 
 def test_a_folder_of_pngs_trains(train, tmp_path):
     root = write_png_folder(tmp_path / "pngs", per_class=15)
-    process, run_dir = train("data=folder", f"data.root={root}", f"data.cache_dir={tmp_path}/cache",
-                             "data.image_size=6", "data.batch_size=6", *ONE_EPOCH)  # fmt: skip
+    process, run_dir = train(
+        "data=folder",
+        f"data.root={root}",
+        f"data.cache_dir={tmp_path}/cache",
+        "data.image_size=6",
+        "data.batch_size=6",
+        *ONE_EPOCH,
+    )
     assert process.returncode == 0, process.stderr
     results = results_of(run_dir)
     assert results["status"] == "ok" and (results["n_train"], results["n_val"], results["n_test"]) == (18, 6, 6)
@@ -97,8 +114,14 @@ def test_a_folder_of_pngs_trains(train, tmp_path):
 
 
 def test_synthetic_data_is_learnt_when_streamed(train, tmp_path):
-    process, run_dir = train("data=synthetic", "data.n_samples=3000", "data.image_size=8", f"data.dir={tmp_path}/syn",
-                             "data.stream.in_memory_mb=0", *LEARN)  # fmt: skip
+    process, run_dir = train(
+        "data=synthetic",
+        "data.n_samples=3000",
+        "data.image_size=8",
+        f"data.dir={tmp_path}/syn",
+        "data.stream.in_memory_mb=0",
+        *LEARN,
+    )
     assert process.returncode == 0, process.stderr
     assert "streaming batches from" in process.stderr + process.stdout
     assert results_of(run_dir)["metrics"]["test/acc"] > 0.5  # chance is 0.1

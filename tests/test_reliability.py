@@ -28,9 +28,14 @@ from descent.trainer import plugins
 
 SMALL = [*FAST, "model.hidden_dims=[16]"]
 SLOW_EPOCHS = [
-    "callbacks.progress_bar=null", "model.hidden_dims=[16]", "data.batch_size=1", "model.batch_norm=false",
-    "optimizer=sgd", "optimizer.lr=0.01", "trainer.max_epochs=4",
-]  # fmt: skip
+    "callbacks.progress_bar=null",
+    "model.hidden_dims=[16]",
+    "data.batch_size=1",
+    "model.batch_norm=false",
+    "optimizer=sgd",
+    "optimizer.lr=0.01",
+    "trainer.max_epochs=4",
+]
 DURATIONS = ("duration_s", "train_samples_per_s", "peak_rss_mb")
 
 
@@ -50,8 +55,12 @@ def without_time(rows: list[dict[str, str]]) -> list[dict[str, str]]:
 def start(run_dir: Path, *overrides: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, str(ROOT / "train.py"), *overrides, f"hydra.run.dir={run_dir}"],
-        cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def wait_for_rows(process: subprocess.Popen, run_dir: Path, count: int) -> None:
@@ -123,8 +132,15 @@ def test_a_signal_mid_epoch_leaves_an_interrupted_run_that_resumes_exactly(unint
 
 @pytest.mark.slow
 def test_a_streamed_run_stopped_mid_epoch_resumes_exactly(tmp_path):
-    streamed = [*SLOW_EPOCHS, "data=synthetic", "data.n_samples=1500", "data.image_size=8", "data.batch_size=1",
-                "data.stream.in_memory_mb=0", f"data.dir={tmp_path}/data"]  # fmt: skip
+    streamed = [
+        *SLOW_EPOCHS,
+        "data=synthetic",
+        "data.n_samples=1500",
+        "data.image_size=8",
+        "data.batch_size=1",
+        "data.stream.in_memory_mb=0",
+        f"data.dir={tmp_path}/data",
+    ]
     whole = run_script("train.py", *streamed, f"hydra.run.dir={tmp_path}/whole")
     assert whole.returncode == 0, whole.stderr
     assert "streamed" in whole.stdout + whole.stderr

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import re
 import shutil
 from pathlib import Path
 
@@ -72,8 +71,12 @@ def test_cv_report_draws_fold_curves_and_mean_std_bars(trained_run, tmp_path):
     folds = [results_of(copy_run(trained_run, cv_dir / f"fold_{i}", shift=0.01 * i)) for i in range(3)]
     metrics = list(folds[0]["metrics"])
     values = {m: [fold["metrics"][m] for fold in folds] for m in metrics}
-    cv_results = {"status": "ok", "folds": folds, "mean": {m: float(np.mean(v)) for m, v in values.items()},
-                  "std": {m: float(np.std(v)) for m, v in values.items()}}  # fmt: skip
+    cv_results = {
+        "status": "ok",
+        "folds": folds,
+        "mean": {m: float(np.mean(v)) for m, v in values.items()},
+        "std": {m: float(np.std(v)) for m, v in values.items()},
+    }
     (cv_dir / "results.json").write_text(json.dumps(cv_results))
     process = run_script("scripts/report.py", str(cv_dir))
     assert process.returncode == 0, process.stderr
@@ -81,24 +84,25 @@ def test_cv_report_draws_fold_curves_and_mean_std_bars(trained_run, tmp_path):
     assert "3 folds" in report and "| fold_2 | ok |" in report
 
 
-def test_sweep_report_tables_every_job_and_names_the_winner_from_results_alone(trained_run, tmp_path):
+def test_sweep_report_answers_per_setting_and_never_plots_against_the_seed(trained_run, tmp_path):
     sweep_dir = tmp_path / "sweep"
     sweep_dir.mkdir()
-    for job, (batch_size, shift) in enumerate([(32, 0.0), (256, -0.05), ("full", -0.2)]):
-        copy_run(trained_run, sweep_dir / str(job), [f"data.batch_size={batch_size}", "optimizer=adam"], shift)
-    (sweep_dir / "3").mkdir()  # a failed job leaves only its results.json
-    failed = {"status": "failed", "error": "ValueError: boom", "overrides": ["data.batch_size=64", "optimizer=adam"]}
-    (sweep_dir / "3" / "results.json").write_text(json.dumps(failed))
-    assert not (sweep_dir / "summary.csv").exists()
+    jobs = [(32, 1, 0.0), (32, 2, 0.001), (32, 3, -0.001), ("full", 1, -0.2), ("full", 2, -0.21), ("full", 3, -0.19)]
+    for job, (batch_size, seed, shift) in enumerate(jobs):
+        copy_run(trained_run, sweep_dir / str(job), [f"data.batch_size={batch_size}", f"seed={seed}"], shift)
+        results = results_of(sweep_dir / str(job))
+        (sweep_dir / str(job) / "results.json").write_text(json.dumps({**results, "seed": seed}))
+    (sweep_dir / "6").mkdir()  # a failed job leaves only its results.json
+    failed = {"status": "failed", "error": "ValueError: boom", "overrides": ["data.batch_size=64", "seed=1"]}
+    (sweep_dir / "6" / "results.json").write_text(json.dumps(failed))
     process = run_script("scripts/report.py", str(sweep_dir))
     assert process.returncode == 0, process.stderr
-    report = assert_readable_pngs_linked_from_report(sweep_dir, ["best_data_batch_size.png",
-                                                                 "curves_data_batch_size.png"])  # fmt: skip
-    rows = [line for line in report.splitlines() if re.match(r"\| \d+ \|", line)]
-    assert [row.split(" | ")[1] for row in rows] == ["32", "256", "full", "64"]  # best val/acc first, failed last
-    assert "**Best: job 0** (data.batch_size=32)" in report and "+0.0500 val/acc over the runner-up, job 1" in report
-    assert "Failed jobs: 3" in report
-    assert "| job | data.batch_size | status | val/acc |" in report  # only the swept key is a column
+    report = assert_readable_pngs_linked_from_report(sweep_dir, ["compare_data_batch_size.png", "curves.png"])
+    first = report.splitlines()[2]
+    assert first.startswith("**32 ") and "(95% CI, n=3): best; full " in first and "worse (p=" in first
+    assert "| 32 | 3 |" in report and "| full | 3 |" in report  # the settings table: a row per setting
+    assert not list(sweep_dir.glob("*seed*.png")) and "seed" not in "".join(p.name for p in sweep_dir.glob("*.png"))
+    assert "Failed jobs: 6" in report and (sweep_dir / "settings.csv").is_file()
 
 
 def test_report_refuses_a_folder_that_is_neither_a_run_nor_a_sweep(tmp_path):

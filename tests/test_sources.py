@@ -14,9 +14,12 @@ from descent.data.sources import load_arrays, load_folder, load_synthetic
 
 def arrays_cfg(paths, metadata=True):
     return OmegaConf.create(
-        {"images": str(paths["images"]), "labels": str(paths["labels"]),
-         "metadata": str(paths["metadata"]) if metadata else None}
-    )  # fmt: skip
+        {
+            "images": str(paths["images"]),
+            "labels": str(paths["labels"]),
+            "metadata": str(paths["metadata"]) if metadata else None,
+        }
+    )
 
 
 @pytest.fixture
@@ -50,8 +53,12 @@ def refused(cfg, *fragments):
 
 
 def test_a_missing_file_is_refused_naming_its_key_and_path(paths, tmp_path):
-    refused(OmegaConf.create({"images": str(tmp_path / "nope.npy"), "labels": str(paths["labels"])}),
-            "data.images=", "nope.npy", "no such file")  # fmt: skip
+    refused(
+        OmegaConf.create({"images": str(tmp_path / "nope.npy"), "labels": str(paths["labels"])}),
+        "data.images=",
+        "nope.npy",
+        "no such file",
+    )
     refused(OmegaConf.create({"images": None, "labels": str(paths["labels"])}), "data.images=None")
 
 
@@ -128,8 +135,16 @@ def test_a_missing_root_is_refused(tmp_path):
 
 
 def synthetic_cfg(folder, n=1000, chunk=300):
-    return OmegaConf.create({"dir": str(folder), "n_samples": n, "image_size": 7, "num_classes": 4,
-                             "generator_seed": 0, "chunk_size": chunk})  # fmt: skip
+    return OmegaConf.create(
+        {
+            "dir": str(folder),
+            "n_samples": n,
+            "image_size": 7,
+            "num_classes": 4,
+            "generator_seed": 0,
+            "chunk_size": chunk,
+        }
+    )
 
 
 def test_synthetic_data_is_written_in_chunks_and_is_a_function_of_its_keys(tmp_path):

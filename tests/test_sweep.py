@@ -33,8 +33,14 @@ def fake_job(sweep_dir: Path, name: str, overrides: list[str], status: str | Non
     folder = sweep_dir / name
     (folder / ".hydra").mkdir(parents=True)
     if status is not None:
-        results = {"status": status, "error": "boom" if status == "failed" else None, "overrides": overrides,
-                   "metrics": {"val/acc": val_acc, "test/acc": val_acc}, "epochs": 2, "duration_s": 1.5}  # fmt: skip
+        results = {
+            "status": status,
+            "error": "boom" if status == "failed" else None,
+            "overrides": overrides,
+            "metrics": {"val/acc": val_acc, "test/acc": val_acc},
+            "epochs": 2,
+            "duration_s": 1.5,
+        }
         (folder / "results.json").write_text(json.dumps(results))
     (folder / ".hydra" / "overrides.yaml").write_text("".join(f"- {override}\n" for override in overrides))
     return folder
@@ -69,12 +75,14 @@ def test_the_printed_summary_keeps_swept_keys_whole_in_80_columns(tmp_path):
 
 def test_the_summary_command_rebuilds_it_and_refuses_a_folder_without_jobs(tmp_path):
     fake_job(tmp_path / "sweep", "0", ["seed=1"], "ok", 0.9)
-    process = subprocess.run([sys.executable, "-m", "descent.sweep", str(tmp_path / "sweep")], env=ENV,
-                             capture_output=True, text=True)  # fmt: skip
+    process = subprocess.run(
+        [sys.executable, "-m", "descent.sweep", str(tmp_path / "sweep")], env=ENV, capture_output=True, text=True
+    )
     assert process.returncode == 0 and "0.9000" in process.stdout
     assert (tmp_path / "sweep" / "summary.csv").is_file()
-    process = subprocess.run([sys.executable, "-m", "descent.sweep", str(tmp_path)], env=ENV, capture_output=True,
-                             text=True)  # fmt: skip
+    process = subprocess.run(
+        [sys.executable, "-m", "descent.sweep", str(tmp_path)], env=ENV, capture_output=True, text=True
+    )
     assert process.returncode == 2 and f"sweep_dir={tmp_path} is not allowed" in process.stderr
 
 
@@ -114,9 +122,16 @@ def test_experiment_configs_are_ready_for_a_sweep():
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        for name, key in (("optimizers", "optimizer"), ("batch_sizes", "data.batch_size")):
-            hydra_cfg = compose("train", [f"experiment={name}"], return_hydra_config=True).hydra
-            assert key in hydra_cfg.sweeper.params
+        experiments = (
+            ("optimizers", "optimizer"),
+            ("batch_sizes", "data.batch_size"),
+            ("batch_norm", "model.batch_norm"),
+            ("dropout", "model.dropout"),
+        )
+        for name, key in experiments:
+            composed = compose("train", [f"experiment={name}"], return_hydra_config=True)
+            assert key in composed.hydra.sweeper.params and "seed" not in composed.hydra.sweeper.params
+            assert composed.replicates == 5  # each setting over 5 seeds on one split
 
 
 @pytest.mark.slow
@@ -126,7 +141,11 @@ def test_a_sweep_writes_a_summary_row_per_job(tmp_path):
     rows = summary_rows(tmp_path)
     assert len(rows) == 4 and {row["status"] for row in rows} == {"ok"}
     assert {(row["optimizer"], row["data.batch_size"]) for row in rows} == {
-        ("sgd", "32"), ("sgd", "full"), ("adam", "32"), ("adam", "full")}  # fmt: skip
+        ("sgd", "32"),
+        ("sgd", "full"),
+        ("adam", "32"),
+        ("adam", "full"),
+    }
     accuracies = [float(row["val/acc"]) for row in rows]
     assert accuracies == sorted(accuracies, reverse=True)
     assert all(float(row["duration_s"]) > 0 and float(row["peak_rss_mb"]) > 0 for row in rows)
@@ -161,8 +180,15 @@ def test_a_diverged_job_is_a_result_not_a_failure(tmp_path):
 @pytest.mark.slow
 def test_joblib_jobs_split_the_cores_between_them(tmp_path):
     env = {key: value for key, value in ENV.items() if key not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    process = sweep(tmp_path, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "trainer.max_epochs=1",
-                    "data.batch_size=full", "seed=1,2", env=env)  # fmt: skip
+    process = sweep(
+        tmp_path,
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "trainer.max_epochs=1",
+        "data.batch_size=full",
+        "seed=1,2",
+        env=env,
+    )
     assert process.returncode == 0, process.stderr
     cores = len(os.sched_getaffinity(0))
     for job in ("0", "1"):
@@ -181,8 +207,13 @@ def test_submitit_local_runs_a_two_job_sweep(tmp_path):
 def test_an_optuna_search_runs_and_its_study_can_be_resumed(tmp_path):
     import optuna
 
-    search = ["hparams_search=optuna", "hydra.sweeper.n_trials=2", "trainer.max_epochs=1",
-              f"paths.log_dir={tmp_path}/logs", "hydra.sweeper.study_name=resumed"]  # fmt: skip
+    search = [
+        "hparams_search=optuna",
+        "hydra.sweeper.n_trials=2",
+        "trainer.max_epochs=1",
+        f"paths.log_dir={tmp_path}/logs",
+        "hydra.sweeper.study_name=resumed",
+    ]
     first = run_script("train.py", *FAST, *search, f"hydra.sweep.dir={tmp_path}/first")
     assert first.returncode == 0, first.stderr
     assert len(summary_rows(tmp_path / "first")) == 2
@@ -198,8 +229,14 @@ def test_an_optuna_search_runs_and_its_study_can_be_resumed(tmp_path):
 def test_failed_optuna_trials_are_recorded_as_failed_and_the_search_goes_on(tmp_path, batch_sizes):
     import optuna
 
-    search = ["hparams_search=optuna", "hydra.sweeper.n_trials=4", "trainer.max_epochs=1", "hydra.sweeper.study_name=s",
-              f"hydra.sweeper.params={{data.batch_size:'{batch_sizes}'}}", f"paths.log_dir={tmp_path}"]  # fmt: skip
+    search = [
+        "hparams_search=optuna",
+        "hydra.sweeper.n_trials=4",
+        "trainer.max_epochs=1",
+        "hydra.sweeper.study_name=s",
+        f"hydra.sweeper.params={{data.batch_size:'{batch_sizes}'}}",
+        f"paths.log_dir={tmp_path}",
+    ]
     process = run_script("train.py", *FAST, *search, f"hydra.sweep.dir={tmp_path}/sweep")
     output = process.stdout + process.stderr
     assert process.returncode == 1 and "Traceback" not in output  # batch 100000 > 1077 training samples: failed
@@ -220,8 +257,15 @@ def test_failed_optuna_trials_are_recorded_as_failed_and_the_search_goes_on(tmp_
 
 
 def ddp_run(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    return run_script("train.py", *FAST, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-                      f"hydra.run.dir={run_dir}", *overrides)  # fmt: skip
+    return run_script(
+        "train.py",
+        *FAST,
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        f"hydra.run.dir={run_dir}",
+        *overrides,
+    )
 
 
 @pytest.mark.slow
@@ -232,8 +276,9 @@ def test_ddp_on_two_cpu_processes_gives_one_run_whose_test_numbers_a_single_devi
     assert not list((tmp_path / "run").glob("*/results.json"))
     results = results_of(tmp_path / "run")
     assert results["status"] == "ok" and results["steps"] == 2 * 17  # 1077 // 2 samples a device, 32 a batch
-    evaluated = run_script("eval.py", f"ckpt_path={tmp_path}/run/checkpoints/best.ckpt",
-                           f"hydra.run.dir={tmp_path}/eval")  # fmt: skip
+    evaluated = run_script(
+        "eval.py", f"ckpt_path={tmp_path}/run/checkpoints/best.ckpt", f"hydra.run.dir={tmp_path}/eval"
+    )
     assert evaluated.returncode == 0, evaluated.stderr
     single = results_of(tmp_path / "eval")["metrics"]
     assert single["test/acc"] == results["metrics"]["test/acc"]
@@ -262,8 +307,14 @@ needs_two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs
 @pytest.mark.slow
 @needs_two_gpus
 def test_ddp_on_two_gpus_gives_one_run(tmp_path):
-    process = run_script("train.py", *FAST, "trainer=ddp", "trainer.accelerator=gpu", "trainer.devices=2",
-                         f"hydra.run.dir={tmp_path}/run")  # fmt: skip
+    process = run_script(
+        "train.py",
+        *FAST,
+        "trainer=ddp",
+        "trainer.accelerator=gpu",
+        "trainer.devices=2",
+        f"hydra.run.dir={tmp_path}/run",
+    )
     assert process.returncode == 0, process.stderr
     assert [path.name for path in tmp_path.iterdir()] == ["run"]
     assert results_of(tmp_path / "run")["status"] == "ok"

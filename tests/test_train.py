@@ -64,8 +64,9 @@ def test_full_batch_makes_one_step_per_epoch(train):
 
 @pytest.mark.slow
 def test_batch_size_one_without_batch_norm_makes_one_step_per_sample(train):
-    process, run_dir = train("data.batch_size=1", "model.batch_norm=false", "trainer.max_epochs=1", "optimizer=sgd",
-                             "optimizer.lr=0.01")  # fmt: skip
+    process, run_dir = train(
+        "data.batch_size=1", "model.batch_norm=false", "trainer.max_epochs=1", "optimizer=sgd", "optimizer.lr=0.01"
+    )
     assert process.returncode == 0, process.stderr
     results = results_of(run_dir)
     assert results["steps"] == results["n_train"] == 1077

@@ -62,8 +62,13 @@ def offline_runs(run_dir: Path) -> list[dict]:
 def run_train(run_dir: Path, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(ROOT / "train.py"), *FAST, "trainer.max_epochs=1", f"hydra.run.dir={run_dir}", *overrides],
-        cwd=ROOT, env=env or ENV, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        cwd=ROOT,
+        env=env or ENV,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def assert_is_a_complete_offline_run(run_dir: Path, optimizer_target: str) -> dict:
@@ -113,10 +118,20 @@ def test_eval_logs_a_wandb_run_of_job_type_eval_grouped_with_its_run(tmp_path):
     assert run_train(run_dir).returncode == 0
     eval_dir = tmp_path / "eval"
     process = subprocess.run(
-        [sys.executable, str(ROOT / "eval.py"), f"ckpt_path={run_dir}/checkpoints/best.ckpt", "logger=wandb",
-         f"hydra.run.dir={eval_dir}"],
-        cwd=ROOT, env=ENV, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(ROOT / "eval.py"),
+            f"ckpt_path={run_dir}/checkpoints/best.ckpt",
+            "logger=wandb",
+            f"hydra.run.dir={eval_dir}",
+        ],
+        cwd=ROOT,
+        env=ENV,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert process.returncode == 0, process.stderr
     (run,) = offline_runs(eval_dir)
     assert run["run"].job_type == "eval" and run["run"].run_group == "run"
@@ -127,18 +142,38 @@ def test_eval_logs_a_wandb_run_of_job_type_eval_grouped_with_its_run(tmp_path):
 def test_sweep_jobs_are_separate_wandb_runs_in_one_group(tmp_path):
     sweep_dir = tmp_path / "sweep"
     process = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "-m", *FAST, "trainer.max_epochs=1", "logger=wandb",
-         "optimizer=sgd,adam", f"hydra.sweep.dir={sweep_dir}"],
-        cwd=ROOT, env=ENV, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "-m",
+            *FAST,
+            "trainer.max_epochs=1",
+            "logger=wandb",
+            "optimizer=sgd,adam",
+            "seed=1,2",
+            f"hydra.sweep.dir={sweep_dir}",
+        ],
+        cwd=ROOT,
+        env=ENV,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert process.returncode == 0, process.stderr
-    runs = [offline_runs(sweep_dir / job) for job in ("0", "1")]
-    assert [len(job_runs) for job_runs in runs] == [1, 1]  # finished after each job: the second did not reuse it
-    (sgd,), (adam,) = runs
+    runs = [offline_runs(sweep_dir / job) for job in ("0", "1", "2", "3")]
+    assert [len(job_runs) for job_runs in runs] == [1, 1, 1, 1]  # finished after each job: none reused the last
+    (sgd,), (sgd_2,), (adam,), _ = runs
     assert sgd["run"].run_id != adam["run"].run_id
     assert sgd["run"].run_group == adam["run"].run_group == sweep_dir.name
     assert sgd["config"]["optimizer"]["_target_"] == "torch.optim.SGD"
     assert adam["config"]["optimizer"]["_target_"] == "torch.optim.Adam"
+    # the replicates of one setting share it in their config (dashboards group by it), whatever their seed
+    assert sgd["config"]["setting"] == sgd_2["config"]["setting"] != adam["config"]["setting"]
+    assert "seed" not in sgd["config"]["setting"] and "optimizer=sgd" in sgd["config"]["setting"]
+    (settings,) = offline_runs(sweep_dir)  # the sweep's settings table, a W&B table in the sweep's group
+    assert settings["run"].job_type == "settings" and settings["run"].run_group == sweep_dir.name
+    assert "settings/_type" in settings["history"]  # logged as a wandb.Table
 
 
 FIT_PRELUDE = """
@@ -165,8 +200,13 @@ def fit_in_one_process(body: str) -> subprocess.CompletedProcess:
     common = json.dumps([*FAST, "trainer.max_epochs=1", "logger=wandb"])
     return subprocess.run(
         [sys.executable, "-c", FIT_PRELUDE + body, str(CONF_DIR), common],
-        cwd=ROOT, env=ENV, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        cwd=ROOT,
+        env=ENV,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.mark.slow
@@ -188,8 +228,13 @@ def test_a_resumed_run_goes_on_in_its_own_wandb_run(tmp_path):
     resume = [f"ckpt_path={run_dir}/checkpoints/last.ckpt", f"hydra.run.dir={run_dir}"]
     resumed = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), *resume],
-        cwd=ROOT, env=ENV, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        cwd=ROOT,
+        env=ENV,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr
     first, second = offline_runs(run_dir)
     assert first["run"].run_id == second["run"].run_id  # one W&B run, written in two sessions

@@ -95,6 +95,17 @@ class EpochHistory(pl.Callback):
         self.elapsed_before = float(state_dict["elapsed"])
         self.lr = state_dict.get("lr", self.lr)  # a mid-epoch resume skips on_train_epoch_start
 
+    def to_target(self, val_acc: float) -> dict[str, Any]:
+        """The run's convergence speed: the epoch, optimizer step and training seconds of the first validation whose
+        val/acc reached `val_acc` (nulls when none did)."""
+        reached = next((row for row in self.rows if row.get("val/acc", -math.inf) >= val_acc), {})
+        return {
+            "val_acc": val_acc,
+            "epoch": reached.get("epoch"),
+            "step": reached.get("step"),
+            "seconds": reached.get("time_s"),
+        }
+
     def best(self) -> dict[str, float] | None:
         """The row with the highest val/acc, the first one on ties, as ModelCheckpoint(mode=max) keeps it."""
         scored = [row for row in self.rows if math.isfinite(row.get("val/acc", math.nan))]

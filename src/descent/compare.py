@@ -240,7 +240,7 @@ def labels(settings: Sequence[tuple[str, ...]]) -> dict[tuple[str, ...], str]:
     return dict(zip(settings, names, strict=True))
 
 
-def _estimate(mean: float, low: float | None, high: float | None) -> str:
+def estimate(mean: float, low: float | None, high: float | None) -> str:
     """The estimate as "0.987 ± 0.004": the half-width to one significant digit, the mean to the same decimal place."""
     if low is None or high is None:
         return f"{mean:.3g}"
@@ -264,7 +264,7 @@ def answer(rows: list[dict[str, Any]], metric: str = "val/acc", confidence: floa
     clauses, said_n = [], None
     for i, row in enumerate(rows):
         mean, low, high = row[f"{metric}_mean"], row[f"{metric}_ci_low"], row[f"{metric}_ci_high"]
-        text = row["label"] if mean is None else f"{row['label']} {_estimate(mean, low, high)}"
+        text = row["label"] if mean is None else f"{row['label']} {estimate(mean, low, high)}"
         if i == 0:
             text += f" {metric}"
         if low is None:

@@ -123,12 +123,26 @@ TOP: Schema = {
     "ckpt_path": Rule(null_or(is_str), "expected null or a checkpoint's path"),
     "skip_done": Rule(is_bool, "expected true or false"),
     "tags": Rule(list_of(is_str), "expected a list of labels, e.g. [baseline,course]"),
+    "replicates": Rule(positive_int, "expected a positive int (models of this setting, seeds seed..seed+k-1)"),
+    "replicates_vectorized": Rule(is_bool, "expected true (the replicates trained at once) or false (one by one)"),
 }
-TRAIN_GROUPS = ("cv", "data", "model", "optimizer", "scheduler", "trainer", "callbacks", "logger", "paths")
+TRAIN_GROUPS = (
+    *("cv", "target", "compare", "data", "model", "optimizer", "scheduler", "trainer", "callbacks", "logger", "paths"),
+)
 EVAL_GROUPS = ("trainer", "logger", "paths")
 CV: Schema = {
     "folds": Rule(lambda v: is_int(v) and (v == 0 or v >= 2), "expected 0 (off) or an int >= 2"),
     "fold": Rule(lambda v: v is None or (is_int(v) and v >= 0), "expected null (every fold) or a fold number"),
+}
+TARGET: Schema = {
+    "val_acc": Rule(in_unit(True, False), "expected a validation accuracy in (0, 1] (the run's convergence target)"),
+}
+COMPARE: Schema = {
+    "metric": Rule(
+        one_of("val/acc", "val/loss", "val/f1", "to_target/seconds", "to_target/steps"),
+        "expected val/acc, val/loss, val/f1, to_target/seconds or to_target/steps (a test metric never chooses)",
+    ),
+    "alpha": Rule(in_unit(True, True), "expected a level in (0, 1), e.g. 0.05"),
 }
 PATHS = ("root_dir", "log_dir", "output_dir")  # folders, read where they are used (output_dir is Hydra's)
 DATA: Schema = {
@@ -136,6 +150,7 @@ DATA: Schema = {
     "batch_size": Rule(lambda v: v == "full" or positive_int(v), "expected a positive int or 'full'"),
     "eval_batch_size": Rule(positive_int, "expected a positive int"),
     "split": Rule(fractions, "expected 3 fractions in (0, 1) (train, val, test) that sum to 1"),
+    "split_seed": Rule(lambda v: is_int(v) and 0 <= v <= MAX_SEED, f"expected an int in [0, {MAX_SEED}]"),
     "stratify_by": Rule(list_of(is_str), "expected a list of column names, e.g. [label] or [label,sex]"),
     "group_by": Rule(null_or(is_str), "expected null or a metadata column name"),
 }
@@ -331,6 +346,12 @@ def validate(cfg: DictConfig) -> None:
         if group not in cfg:
             raise ConfigError(group, MISSING, f"expected the {group} group (conf/{group}/)")
     check(cfg.cv, "cv", CV)
+    check(cfg.target, "target", TARGET)
+    check(cfg.compare, "compare", COMPARE)
+    if cfg.replicates > 1 and cfg.cv.folds:
+        raise ConfigError(
+            "replicates", cfg.replicates, "expected 1 with cv.folds >= 2: a CV run's replicates are its folds"
+        )
     if cfg.cv.fold is not None and cfg.cv.fold >= cfg.cv.folds:
         allowed = "expected null (every fold) or a fold number in [0, cv.folds), with cv.folds >= 2"
         raise ConfigError("cv.fold", cfg.cv.fold, allowed)
@@ -347,6 +368,11 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("data.name", name, f"expected one of {', '.join(sorted(SCHEMAS))}")
     source = SCHEMAS[name]
     check(cfg.data, "data", {**DATA, **source})
+    if cfg.data.get("official_test") and cfg.cv.folds:
+        allowed = (
+            "expected false with cv.folds >= 2: the folds are the test sets (or cv.folds=0 to keep the official one)"
+        )
+        raise ConfigError("data.official_test", True, allowed)
     if "stream" in source:
         check(cfg.data.stream, "data.stream", STREAM)
 

@@ -17,6 +17,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import WandbLogger
 
+from descent.compare import setting_of
 from descent.config import typed_unless_secret
 from descent.results import status_of
 
@@ -58,6 +59,7 @@ def _wandb_identity(cfg: DictConfig, run_dir: Path, group: str | None, job_type:
     optimizer = optimizer or str(cfg.optimizer.get("_target_", "")).rsplit(".", 1)[-1]
     tags = [f"optimizer={optimizer}", f"batch_size={cfg.data.batch_size}", *typed_unless_secret(cfg.get("tags") or [])]
     config = typed_unless_secret(cfg) if hydra_cfg is not None else OmegaConf.to_container(cfg, resolve=False)
+    config["setting"] = " ".join(setting_of(typed)) or "(defaults)"  # replicates of one setting share it
     return {"name": name, "group": group, "job_type": job_type, "tags": tags, "config": config}
 
 
@@ -120,3 +122,21 @@ def finish_wandb(exit_code: int) -> None:
     run.finish(exit_code=exit_code)
     if offline:
         log.info("W&B run saved offline; upload it with: wandb sync %s", sync_dir)
+
+
+def log_table(wandb_cfg: DictConfig, folder: Path, name: str, columns: list[str], data: list[list[Any]]) -> None:
+    """A table (a sweep's settings) as a W&B table, in a W&B run of its own (job_type `name`, grouped with the
+    sweep's runs by the folder's name), offline without credentials as a run is."""
+    import wandb
+
+    wandb.init(
+        project=wandb_cfg.get("project"),
+        entity=wandb_cfg.get("entity"),
+        mode=wandb_mode(wandb_cfg.get("mode")),
+        dir=str(folder),
+        group=folder.name,
+        job_type=name,
+        name=f"{name} {folder.name}",
+    )
+    wandb.log({name: wandb.Table(columns=columns, data=data)})
+    finish_wandb(exit_code=0)

@@ -7,6 +7,7 @@ Imported lazily (matplotlib costs ~0.3 s): training only pays for it after its t
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -157,71 +158,102 @@ def mean_std_bars(mean: Mapping[str, float], std: Mapping[str, float], path: Pat
     return save(figure, path)
 
 
-def metric_against_key(
-    values: Sequence[object], scores: Sequence[float], others: Sequence[str], key: str, metric: str, path: Path
-) -> Path:
-    """The best `metric` of each job against the swept `key`: a point per job, marked with the job's other swept
-    values (`others`) when there are some; a line through the means when the key is numeric (log x when it spans
-    more than a factor of 20)."""
-    figure, axis = plt.subplots(figsize=(7, 4.5))
-    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-        positions = [float(v) for v in values]
-        xs = sorted(set(positions))
-        means = [np.mean([s for p, s in zip(positions, scores, strict=True) if p == x]) for x in xs]
-        axis.plot(xs, means, "-", color="C1", label="mean over jobs")
-        if min(xs) > 0 and max(xs) / min(xs) > 20:
-            axis.set_xscale("log")
-    else:
-        # numbers in order, then words (data.batch_size=32,256,full)
-        labels = sorted({str(v) for v in values}, key=lambda v: (not _is_float(v), float(v) if _is_float(v) else 0, v))
-        positions = [labels.index(str(v)) for v in values]
-        axis.set_xticks(range(len(labels)), labels, rotation=20)
-        axis.margins(x=0.2)
-    axis.plot(positions, scores, "o", color="C0", label="one job")
-    for x, score, other in zip(positions, scores, others, strict=True):
-        if other:
-            axis.annotate(other, (x, score), xytext=(5, 0), textcoords="offset points", va="center", fontsize=7)
-    axis.set(xlabel=key, ylabel=f"best {metric}", title=f"best {metric} against {key}")
-    axis.legend()
-    axis.grid(alpha=0.3)
+@dataclass(frozen=True)
+class SettingPoint:
+    """One setting of a sweep as `settings_compared` draws it: its value of the swept key, the other swept keys'
+    values (its series), its replicates' values of the metric, their mean and 95% interval, and its verdict."""
+
+    value: object
+    series: str
+    values: Sequence[float]
+    mean: float
+    low: float | None
+    high: float | None
+    verdict: str
+
+
+def _ordered(values: Sequence[object]) -> list[str]:
+    """Distinct values as text, numbers in order, then words (data.batch_size=32,256,full)."""
+    texts = {str(v) for v in values}
+    return sorted(texts, key=lambda v: (not _is_float(v), float(v) if _is_float(v) else 0, v))
+
+
+def settings_compared(points: Sequence[SettingPoint], key: str, metric: str, path: Path, title: str) -> Path:
+    """Each setting's mean of `metric` with its 95% interval (a bar) and its replicates (dots), against the swept
+    `key`, one colour per series (the other swept keys), the verdict written beside each setting."""
+    figure, axis = plt.subplots(figsize=(max(6.5, 1.3 * len(points) + 3), 4.8))
+    ticks = _ordered([point.value for point in points])
+    series = list(dict.fromkeys(point.series for point in points))
+    width = 0.6 / max(1, len(series))
+    rng = np.random.default_rng(0)  # the dots' jitter, the same at every redraw
+    for index, name in enumerate(series):
+        color = f"C{index % 10}"
+        shift = (index - (len(series) - 1) / 2) * width
+        for number, point in enumerate(p for p in points if p.series == name):
+            x = ticks.index(str(point.value)) + shift
+            dots = x - width / 4 + rng.uniform(-width / 10, width / 10, len(point.values))  # left of the interval
+            dot_label = "replicates" if index == number == 0 else None
+            axis.plot(dots, point.values, ".", color=color, alpha=0.5, markersize=6, label=dot_label)
+            mean_label = (f"{name}: " if name else "") + "mean ± 95% CI" if number == 0 else None
+            error = None if point.low is None else [[point.mean - point.low], [point.high - point.mean]]
+            axis.errorbar(x, point.mean, yerr=error, fmt="o", color=color, capsize=5, markersize=6, label=mean_label)
+            top = point.high if point.high is not None else max([point.mean, *point.values])
+            axis.annotate(
+                point.verdict,
+                (x, top),
+                xytext=(0, 4),
+                textcoords="offset points",
+                ha="center",
+                va="bottom",
+                fontsize=8,
+                color="0.25",
+            )
+    axis.set_xticks(range(len(ticks)), ticks)
+    axis.set_xlim(-0.6, len(ticks) - 0.4)
+    axis.set(xlabel=key, ylabel=metric, title=title)
+    axis.grid(alpha=0.3, axis="y")
+    axis.legend(fontsize=8)
     return save(figure, path)
 
 
-def overlaid_curves(
-    curves: Sequence[tuple[str, str, Mapping[str, Sequence[float]]]],
-    metrics: Sequence[str],
-    axes_keys: Sequence[tuple[str, str]],
-    path: Path,
-    title: str,
-) -> Path:
-    """Each metric (a row) of every job against each x axis (a column: epochs, steps, seconds). A curve is
-    (colour label, style label, rows): one colour per swept value, one line style per setting of the other swept
-    keys, so that every job can be told apart."""
-    figure, axes = plt.subplots(
-        len(metrics), len(axes_keys), figsize=(5.2 * len(axes_keys), 3.8 * len(metrics)), squeeze=False
-    )
-    labels = list(dict.fromkeys(label for label, _, _ in curves))
-    colormap = plt.get_cmap("tab10" if len(labels) <= 10 else "viridis")
-    color_of = {label: colormap(i if len(labels) <= 10 else i / (len(labels) - 1)) for i, label in enumerate(labels)}
-    styles = list(dict.fromkeys(style for _, style, _ in curves))
-    style_of = {style: LINE_STYLES[i % len(LINE_STYLES)] for i, style in enumerate(styles)}
-    for row, metric in zip(axes, metrics, strict=True):
-        for axis, (x_key, x_label) in zip(row, axes_keys, strict=True):
-            shown: set[str] = set()
-            for label, style, rows in curves:
-                if x_key in rows and metric in rows:
-                    name = f"{label}, {style}" if style else label
-                    axis.plot(rows[x_key], rows[metric], style_of[style], marker="o", markersize=2.5,
-                              color=color_of[label], label=None if name in shown else name)  # fmt: skip
-                    shown.add(name)
-            ends = [rows[x_key][-1] for _, _, rows in curves if len(rows.get(x_key, []))]
-            if x_key != "epoch" and ends and min(ends) > 0 and max(ends) / min(ends) > 20:
+@dataclass(frozen=True)
+class Band:
+    """A curve over replicates: x, the mean of y and its standard deviation at each x, over n replicates."""
+
+    x: Sequence[float]
+    mean: Sequence[float]
+    std: Sequence[float]
+    n: int
+
+
+def banded_curves(panels: Mapping[str, Mapping[str, Band]], path: Path, title: str, log_y: Sequence[str] = ()) -> Path:
+    """One panel per entry of `panels` ("val/acc against epoch": {setting: Band}), each setting a mean line with a
+    band of ±1 std over its replicates; the panels named in `log_y` on a log scale."""
+    columns = min(2, len(panels))
+    rows = -(-len(panels) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(6.2 * columns, 4.2 * rows), squeeze=False)
+    names = list(dict.fromkeys(name for bands in panels.values() for name in bands))
+    for axis, (panel, bands) in zip(axes.flat, panels.items(), strict=False):
+        for name, band in bands.items():
+            color = f"C{names.index(name) % 10}"
+            x, mean, std = (np.asarray(values, dtype=float) for values in (band.x, band.mean, band.std))
+            axis.plot(x, mean, "-", color=color, linewidth=1.4, label=f"{name} (n={band.n})")
+            if band.n > 1:
+                axis.fill_between(x, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
+        y_label, x_label = panel.split(" against ", 1)
+        axis.set(xlabel=x_label, ylabel=y_label, title=panel)
+        if x_label == "epoch":
+            axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if panel in log_y:
+            axis.set_yscale("log")
+        if x_label != "epoch" and bands:
+            ends = [band.x[-1] for band in bands.values() if len(band.x)]
+            if ends and min(ends) > 0 and max(ends) / min(ends) > 20:
                 axis.set_xscale("log")  # full batch against mini-batches: their step counts differ by 100x
-            axis.set(xlabel=x_label, ylabel=metric, title=f"{metric} against {x_label}")
-            if x_key == "epoch":
-                axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-            axis.grid(alpha=0.3)
-            axis.legend(fontsize=7)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    for axis in list(axes.flat)[len(panels) :]:
+        axis.set_visible(False)
     figure.suptitle(title)
     return save(figure, path)
 

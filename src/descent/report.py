@@ -11,14 +11,15 @@ import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
+from descent.compare import answer
+from descent.plots import Band
 from descent.results import overrides_of, read_results, status_of
-from descent.tables import cell, markdown
+from descent.tables import markdown
 
-RANK_METRIC = "val/acc"  # the sweep's winner is chosen on validation, as the best epoch is; test is only reported
 TABLE_NUMBERS = ("best_epoch", "epochs", "steps", "duration_s", "peak_rss_mb", "peak_gpu_mb")
-CURVE_AXES = (("epoch", "epoch"), ("step", "optimizer steps"), ("time_s", "wall-clock seconds"))
 
 
 def _metrics_of(entry: dict[str, Any]) -> dict[str, float]:
@@ -31,14 +32,6 @@ def _curves(run_dir: Path) -> dict[str, list[float]] | None:
         return None
     frame = pd.read_csv(path)
     return {column: frame[column].tolist() for column in frame.columns} if len(frame) else None
-
-
-def _parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """{key: value} with Hydra's own override parser (numbers come back as numbers, lists as lists)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    return {override.key_or_group: override.value() for override in parsed}
 
 
 def _image(path: Path, alt: str) -> str:
@@ -119,75 +112,166 @@ def report_cv(cv_dir: Path) -> Path:
     return _write(cv_dir, lines)
 
 
-def _jobs(sweep_dir: Path) -> list[tuple[Path, dict[str, Any]]]:
-    from descent.summary import job_folders
+def replicate_folders(job_dir: Path, results: dict[str, Any]) -> list[Path]:
+    """The run folders of a job's finished replicates: its folds, its `replicates`, or the job itself."""
+    entries = results.get("folds") or results.get("replicates")
+    if entries is None:
+        return [job_dir] if status_of(results).finished else []
+    return [job_dir / entry["dir"] for entry in entries if status_of(entry).finished and entry.get("dir")]
 
-    return [(path, results) for path in job_folders(sweep_dir) if (results := read_results(path)) is not None]
 
-
-def report_sweep(sweep_dir: Path) -> Path:
-    """The summary table (one row per job, best first), the winner and its margin, the best val/acc against each
-    swept key, and validation curves of every job coloured by each swept value against epochs, steps and seconds."""
+def band(frames: list[pd.DataFrame], x: str, y: str) -> Band:
+    """y against x over replicates, row by row (their i-th validation, or step): the mean x, the mean y and its std
+    over the replicates that have that row (early stopping ends some sooner)."""
     from descent import plots
-    from descent.summary import summarize, summary_markdown
 
-    jobs = _jobs(sweep_dir)
-    settings = {path.name: _parse_overrides(overrides_of(path, results)) for path, results in jobs}
-    all_keys = list(dict.fromkeys(key for setting in settings.values() for key in setting))
-    swept = [key for key in all_keys if len({repr(s.get(key)) for s in settings.values()}) > 1]
+    usable = [frame for frame in frames if x in frame and y in frame and len(frame)]
+    length = max((len(frame) for frame in usable), default=0)
+    xs, means, stds = [], [], []
+    for row in range(length):
+        at = [frame.iloc[row] for frame in usable if len(frame) > row]
+        ys = np.array([value[y] for value in at], dtype=float)
+        xs.append(float(np.mean([value[x] for value in at])))
+        means.append(float(np.nanmean(ys)) if np.isfinite(ys).any() else math.nan)
+        stds.append(float(np.nanstd(ys, ddof=1)) if np.isfinite(ys).sum() > 1 else 0.0)
+    return plots.Band(xs, means, stds, len(usable))
 
-    def score(results: dict[str, Any]) -> float:
-        value = _metrics_of(results).get(RANK_METRIC)
-        return value if isinstance(value, (int, float)) and math.isfinite(value) else -math.inf
 
-    ranked = sorted(jobs, key=lambda job: score(job[1]), reverse=True)
-    lines = [
-        f"# Sweep `{sweep_dir.name}`: {len(jobs)} jobs",
-        "",
-        _verdict(ranked, settings, swept),
-        "",
-        "## Summary (best val/acc first)",
-        "",
-        summary_markdown(*summarize(sweep_dir)),  # the table of summary.md
+def curve_panels(settings: dict[str, list[Path]], b: float) -> dict[str, dict[str, Band]]:
+    """The banded curves of each setting (a name and its replicates' run folders): val/acc against epochs, optimizer
+    steps and seconds, and the training loss of every step smoothed by the course's exponentially weighted average."""
+    from descent.plots import ewa
+
+    panels: dict[str, dict[str, Band]] = {
+        "val/acc against epoch": {},
+        "val/acc against optimizer step": {},
+        "val/acc against seconds of training": {},
+        f"training loss (EWA, b={b}) against optimizer step": {},
+    }
+    for name, folders in settings.items():
+        epochs = [pd.read_csv(f / "metrics.csv") for f in folders if (f / "metrics.csv").is_file()]
+        steps = [pd.read_csv(f / "steps.csv") for f in folders if (f / "steps.csv").is_file()]
+        steps = [frame.assign(smoothed=ewa(frame["loss"].to_numpy(), b)) for frame in steps if len(frame)]
+        for panel, frames, x, y in zip(
+            panels,
+            (epochs, epochs, epochs, steps),
+            ("epoch", "step", "time_s", "step"),
+            ("val/acc", "val/acc", "val/acc", "smoothed"),
+            strict=True,
+        ):
+            if any(len(frame) for frame in frames):
+                panels[panel][name] = band(frames, x, y)
+    return panels
+
+
+def report_sweep(sweep_dir: Path, b: float = 0.9) -> Path:
+    """The answer first (each setting's mean and 95% interval, its verdict), the settings table, the jobs' table;
+    compare_<key>.png (each setting's mean and interval with its replicates as dots, against each swept key) and
+    curves.png (one mean line with a band per setting). A seed is never a setting: nothing is drawn against it."""
+    from descent import plots
+    from descent.compare import setting_of
+    from descent.summary import job_folders, settings_table, summarize, summary_markdown, write_settings
+    from descent.sweep import sweep_compare
+
+    own = sweep_compare(job_folders(sweep_dir))
+    metric, alpha = own.get("metric", "val/acc"), own.get("alpha", 0.05)
+    rows = write_settings(sweep_dir, metric, alpha)
+    jobs = [(path, results) for path in job_folders(sweep_dir) if (results := read_results(path)) is not None]
+    failed = [path.name for path, results in jobs if not status_of(results).finished]
+    lines = [f"# Sweep `{sweep_dir.name}`: {len(jobs)} jobs, {len(rows)} settings", ""]
+    if rows:
+        lines += [
+            f"**{answer(rows, metric)}**",
+            "",
+            markdown(*settings_table(rows, ("val/acc", "test/acc", "test/loss", "to_target/seconds"))),
+        ]
+    else:
+        lines.append("No job finished.")
+    if failed:
+        lines += ["", f"Failed jobs: {', '.join(failed)}."]
+    lines += ["", "## Jobs (best val/acc first)", "", summary_markdown(*summarize(sweep_dir))]
+
+    label_of = {row["setting"]: row["label"] for row in rows}
+    folders: dict[str, list[Path]] = {}
+    for path, results in jobs:
+        name = label_of.get(setting_of(overrides_of(path, results)))
+        if name is not None:
+            folders.setdefault(name, []).extend(replicate_folders(path, results))
+    swept = [
+        key
+        for key in (rows[0] if rows else {})
+        if key not in ("setting", "label", "n")
+        and "/" not in key
+        and not key.startswith(("paired_by", "verdict", "p_"))
     ]
-    curves = [(path.name, c) for path, _ in jobs if (c := _curves(path))]
     for key in swept:
-
-        def others(name: str, key: str = key) -> str:  # the job's other swept values, to tell its point and line
-            return " ".join(f"{k}={settings[name].get(k)}" for k in swept if k != key)
-
-        scored = [(path.name, score(results)) for path, results in jobs if math.isfinite(score(results))]
+        points = [
+            plots.SettingPoint(
+                value=row[key],
+                series=" ".join(f"{k}={row[k]}" for k in swept if k != key),
+                values=[v for v in replicate_values(folders.get(row["label"], []), metric) if v is not None],
+                mean=row[f"{metric}_mean"],
+                low=row[f"{metric}_ci_low"],
+                high=row[f"{metric}_ci_high"],
+                verdict=row["verdict"] + (f" (p={row['p_value']:.2g})" if row["p_value"] is not None else ""),
+            )
+            for row in rows
+            if row[f"{metric}_mean"] is not None
+        ]
         safe = re.sub(r"\W+", "_", key).strip("_")
-        lines += ["", f"## {key}", ""]
-        if scored:
-            png = plots.metric_against_key([settings[name].get(key) for name, _ in scored], [s for _, s in scored],
-                                           [others(name) for name, _ in scored], key, RANK_METRIC,
-                                           sweep_dir / f"best_{safe}.png")  # fmt: skip
-            lines.append(_image(png, f"best {RANK_METRIC} against {key}"))
-        if curves:
-            labelled = [(f"{key}={settings[name].get(key)}", others(name), c) for name, c in curves]
-            png = plots.overlaid_curves(labelled, ("val/loss", "val/acc"), CURVE_AXES, sweep_dir / f"curves_{safe}.png",
-                                        f"validation curves coloured by {key}")  # fmt: skip
-            lines += ["", _image(png, f"validation curves coloured by {key}")]
+        n = sorted({row["n"] for row in rows})
+        title = f"{metric} by {key}: mean and 95% interval over n={'/'.join(map(str, n))} replicates"
+        png = plots.settings_compared(points, key, metric, sweep_dir / f"compare_{safe}.png", title)
+        lines += ["", f"## {key}", "", _image(png, f"{metric} by {key}")]
+    panels = curve_panels(folders, b)
+    if any(panels.values()):
+        title = f"{sweep_dir.name}: each setting's mean over its replicates, band ±1 std"
+        png = plots.banded_curves(panels, sweep_dir / "curves.png", title, log_y=[list(panels)[-1]])
+        lines += ["", "## Curves", "", _image(png, "mean curves per setting")]
     return _write(sweep_dir, lines)
 
 
-def _verdict(ranked: list[tuple[Path, dict[str, Any]]], settings: dict[str, dict], swept: list[str]) -> str:
-    """One sentence: which job won on val/acc, with which setting, by how much over the runner-up."""
-    finished = [(path, r) for path, r in ranked if RANK_METRIC in _metrics_of(r)]
-    if not finished:
-        return "No job finished with a validation accuracy."
-    path, best = finished[0]
-    setting = " ".join(f"{k}={settings[path.name].get(k)}" for k in swept) or "(all jobs alike)"
-    text = f"**Best: job {path.name}** ({setting}): {RANK_METRIC} {cell(_metrics_of(best)[RANK_METRIC])}"
-    if "test/acc" in _metrics_of(best):
-        text += f", test/acc {cell(_metrics_of(best)['test/acc'])}"
-    if len(finished) > 1:
-        runner_path, runner = finished[1]
-        margin = _metrics_of(best)[RANK_METRIC] - _metrics_of(runner)[RANK_METRIC]
-        text += f"; {margin:+.4f} {RANK_METRIC} over the runner-up, job {runner_path.name}"
-    failed = [path.name for path, r in ranked if not status_of(r).finished]
-    return text + (f". Failed jobs: {', '.join(failed)}." if failed else ".")
+def replicate_values(folders: list[Path], metric: str) -> list[float | None]:
+    """`metric` of each replicate's results.json (its best epoch's, or its to_target's)."""
+    values = []
+    for folder in folders:
+        results = read_results(folder) or {}
+        if metric.startswith("to_target/"):
+            values.append((results.get("to_target") or {}).get("seconds" if metric.endswith("seconds") else "step"))
+        else:
+            values.append((results.get("metrics") or {}).get(metric))
+    return values
+
+
+def report_replicates(run_dir: Path, b: float = 0.9) -> Path:
+    """A run of k replicates: each metric's mean, std and 95% interval, one row per replicate, and curves.png (the
+    mean line of the replicates with a band of ±1 std)."""
+    from descent import plots
+
+    results = read_results(run_dir)
+    entries = results.get("replicates") or []
+    names = list(results.get("mean") or {})
+    rows = [[m, results["mean"][m], results["std"].get(m), *results["ci95"].get(m, [None, None])] for m in names]
+    lines = [
+        f"# Run `{run_dir.name}`: {len(entries)} replicates",
+        "",
+        f"Overrides: `{' '.join(overrides_of(run_dir, results)) or '(defaults)'}`",
+        "",
+        markdown(["metric", "mean", "std", "95% low", "95% high"], rows),
+        "",
+        "## Replicates",
+        "",
+        markdown(
+            ["replicate", "seed", "status", *names],
+            [[e["dir"], e["seed"], e["status"], *((e.get("metrics") or {}).get(m) for m in names)] for e in entries],
+        ),
+    ]
+    panels = curve_panels({run_dir.name: replicate_folders(run_dir, results)}, b)
+    if any(panels.values()):
+        title = f"{run_dir.name}: mean over {len(entries)} replicates, band ±1 std"
+        png = plots.banded_curves(panels, run_dir / "curves.png", title, log_y=[list(panels)[-1]])
+        lines += ["", "## Curves", "", _image(png, "mean curves of the replicates")]
+    return _write(run_dir, lines)
 
 
 def _write(folder: Path, lines: list[str]) -> Path:
@@ -200,7 +284,9 @@ def report(folder: Path, b: float = 0.9) -> Path:
     """The report of a run, CV or sweep folder, told apart by their files (see the contract's Outputs)."""
     results = read_results(folder)
     if results is not None:
-        return report_cv(folder) if "folds" in results else report_run(folder, b)
+        if "folds" in results:
+            return report_cv(folder)
+        return report_replicates(folder, b) if "replicates" in results else report_run(folder, b)
     if any(read_results(path) is not None for path in folder.iterdir() if path.is_dir()):
-        return report_sweep(folder)
+        return report_sweep(folder, b)
     raise FileNotFoundError(f"{folder}: not a run folder (no results.json) nor a sweep folder (no <job>/results.json)")

@@ -1,5 +1,6 @@
-"""A sweep's summary: one row per job folder (summary.csv, summary.md, a rich table), and the Hydra callback that
-writes it, with the settings table of descent.compare, when a multirun ends.
+"""A sweep's tables: the summary, one row per job folder (summary.csv, summary.md), and the settings, one row per
+setting with its replicates' mean, 95% interval and verdict (settings.csv, settings.md, from descent.compare); the
+Hydra callback that writes and prints both when a multirun ends.
 
 Built from the jobs' results.json alone, so it is the same whether the sweep ended, was interrupted or is rebuilt
 later with `python -m descent.sweep DIR`. It only reads job folders and writes the summary files; it never trains
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from descent.compare import Replicate, answer, compare, estimate, setting_of
 from descent.results import RESULTS, Status, overrides_of, read_results, status_of
 from descent.tables import markdown, rich_table
 
@@ -127,6 +129,118 @@ def print_summary(
             console.print(f"[red]job {row['job']}[/]: {escape(str(row['error']))}")
 
 
+# the settings table's metrics: mean, std and 95% interval of each (compare.metric chooses the best)
+SETTING_METRICS = ("val/acc", "test/acc", "test/loss", "to_target/seconds", "to_target/steps")
+
+
+def replicates_of(run_dir: Path, results: dict[str, Any]) -> list[Replicate]:
+    """The replicates a finished job folder holds: its folds (a CV run), its `replicates`, or the job itself (its
+    seed), each with the metrics the settings table compares; a failed or missing run holds none."""
+    setting = setting_of(overrides_of(run_dir, results))
+
+    def metrics(entry: dict[str, Any]) -> dict[str, float | None]:
+        target = entry.get("to_target") or {}
+        return {
+            **(entry.get("metrics") or {}),
+            "to_target/seconds": target.get("seconds"),
+            "to_target/steps": target.get("step"),
+        }
+
+    if "folds" in results:
+        return [
+            Replicate(setting, fold["fold"], "fold", metrics(fold), fold.get("n_train"), fold.get("n_test"))
+            for fold in results["folds"]
+            if status_of(fold).finished
+        ]
+    entries = results.get("replicates") or [results]
+    return [Replicate(setting, e["seed"], "seed", metrics(e)) for e in entries if status_of(e).finished and "seed" in e]
+
+
+def settings_rows(sweep_dir: Path, metric: str, alpha: float) -> list[dict[str, Any]]:
+    """The settings of a sweep folder, best first (descent.compare), with a column per swept key."""
+    replicates = []
+    for folder in job_folders(sweep_dir):
+        results = read_results(folder)
+        if results is not None and status_of(results).finished:
+            replicates += replicates_of(folder, results)
+    rows = compare(replicates, metric, alpha, SETTING_METRICS)
+    parsed = [dict(item.split("=", 1) for item in row["setting"] if "=" in item) for row in rows]
+    keys = swept_keys([{"overrides": overrides} for overrides in parsed]) if len(rows) > 1 else []
+    return [{**{key: overrides.get(key) for key in keys}, **row} for row, overrides in zip(rows, parsed, strict=True)]
+
+
+def settings_columns(rows: list[dict[str, Any]]) -> list[str]:
+    """settings.csv's columns: the swept keys, n, mean/std/interval of each metric, the verdict and its p-value."""
+    keys = [key for key in rows[0] if key not in ("setting", "label", "n")] if rows else []
+    swept = keys[: keys.index(f"{SETTING_METRICS[0]}_mean")] if keys else []
+    stats = [f"{m}_{s}" for m in SETTING_METRICS for s in ("mean", "std", "ci_low", "ci_high")]
+    reached = [f"{m}_reached" for m in SETTING_METRICS if m.startswith("to_target/")]
+    return [*swept, "n", *stats, *reached, "paired_by", "verdict", "p_value"]
+
+
+def cell_estimate(row: dict[str, Any], metric: str) -> str:
+    """A table cell: the mean ± half-width of its 95% interval (the mean alone when there is none)."""
+    mean = row[f"{metric}_mean"]
+    return "-" if mean is None else estimate(mean, row[f"{metric}_ci_low"], row[f"{metric}_ci_high"])
+
+
+def settings_table(rows: list[dict[str, Any]], metrics: Sequence[str]) -> tuple[list[str], list[list[Any]]]:
+    """The settings as a table of strings: a setting's label, n, each metric's mean ± 95% half-width, the verdict."""
+    columns = ["setting", "n", *(m.replace("to_target/seconds", "to target (s)") for m in metrics), "verdict", "p"]
+    cells = [
+        [row["label"], row["n"], *(cell_estimate(row, m) for m in metrics), row["verdict"], row["p_value"]]
+        for row in rows
+    ]
+    return columns, cells
+
+
+def write_settings(sweep_dir: Path, metric: str = "val/acc", alpha: float = 0.05) -> list[dict[str, Any]]:
+    """Write settings.csv and settings.md into the sweep folder (nothing when no job finished); return the rows."""
+    rows = settings_rows(sweep_dir, metric, alpha)
+    if not rows:
+        return rows
+    with open(sweep_dir / "settings.csv", "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=settings_columns(rows), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = [
+        f"# Sweep {sweep_dir.name}: {len(rows)} settings, compared on {metric}",
+        "",
+        answer(rows, metric),
+        "",
+        f"Mean ± half-width of the 95% interval over each setting's n replicates (seeds or folds); each setting is "
+        f"compared with the best by a paired t-test over matched replicates (Welch's when they do not match), p-values "
+        f"adjusted by Holm; `worse` when p < {alpha}, else `tied`.",
+        "",
+        markdown(*settings_table(rows, SETTING_METRICS[:4])),
+    ]
+    (sweep_dir / "settings.md").write_text("\n".join(lines) + "\n")
+    return rows
+
+
+def print_settings(rows: list[dict[str, Any]], metric: str, console: Console | None = None) -> None:
+    """The settings as a rich table, then the answer in one sentence."""
+    from rich.console import Console
+
+    styles = {"best": "bold green", "tied": "green", "worse": "red"}
+    columns, cells = settings_table(rows, ("val/acc", "test/acc", "to_target/seconds"))
+    console = console or Console()
+    verdicts = [styles.get(row["verdict"], "") for row in rows]
+    console.print(rich_table(f"settings, compared on {metric}", columns, cells, verdicts))
+    console.print(answer(rows, metric))
+
+
+def log_settings(config: DictConfig, sweep_dir: Path, rows: list[dict[str, Any]]) -> None:
+    """With logger=wandb, the settings table as a W&B table too (a run of its own in the sweep's group)."""
+    wandb_cfg = (config.get("logger") or {}).get("wandb")
+    if wandb_cfg:
+        from descent.loggers import log_table
+
+        columns = ["setting", *settings_columns(rows)]
+        data = [[row["label"], *(row.get(column) for column in columns[1:])] for row in rows]
+        log_table(wandb_cfg, sweep_dir, "settings", columns, data)
+
+
 class SweepSummary(Callback):
     """Hydra callback: when a multirun ends, write and print its summary; exit 1 if one of its jobs failed."""
 
@@ -142,7 +256,12 @@ class SweepSummary(Callback):
             return
         columns, rows = write_summary(sweep_dir)
         print_summary(sweep_dir, columns, rows)
-        log.info("summary: %s and %s", sweep_dir / "summary.csv", sweep_dir / "summary.md")
+        metric, alpha = config.compare.metric, config.compare.alpha
+        settings = write_settings(sweep_dir, metric, alpha)
+        if settings:
+            print_settings(settings, metric)
+            log_settings(config, sweep_dir, settings)
+        log.info("summary: %s, settings: %s", sweep_dir / "summary.md", sweep_dir / "settings.md")
         failed = [row["job"] for row in rows if row["status"] == Status.FAILED]
         if failed:
             log.error(

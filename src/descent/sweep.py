@@ -131,15 +131,37 @@ def claim_gpu(lock_dir: Path, count: int, poll_s: float = 1.0) -> Iterator[int]:
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m descent.sweep DIR`: (re)write a sweep folder's summary and settings, e.g. of an interrupted sweep."""
-    from descent.summary import job_folders, print_summary, write_summary
+    from descent.config import COMPARE
+    from descent.summary import job_folders, print_settings, print_summary, write_settings, write_summary
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("sweep_dir", type=Path, help="a sweep folder: logs/train/multiruns/<date>_<time>")
+    parser.add_argument("--metric", default=None, help="compare.metric (default: the sweep's own, else val/acc)")
+    parser.add_argument("--alpha", type=float, default=None, help="compare.alpha (default: the sweep's own, else 0.05)")
     args = parser.parse_args(argv)
     if not args.sweep_dir.is_dir() or not job_folders(args.sweep_dir):
         parser.exit(2, f"sweep_dir={args.sweep_dir} is not allowed: expected a sweep folder with job folders in it\n")
+    own = sweep_compare(job_folders(args.sweep_dir))
+    metric, alpha = args.metric or own.get("metric", "val/acc"), args.alpha or own.get("alpha", 0.05)
+    for key, value in (("metric", metric), ("alpha", alpha)):
+        if not COMPARE[key].ok(value):
+            parser.exit(2, f"--{key}={value} is not allowed: {COMPARE[key].allowed}\n")
     columns, rows = write_summary(args.sweep_dir)
     print_summary(args.sweep_dir, columns, rows)
+    settings = write_settings(args.sweep_dir, metric, alpha)
+    if settings:
+        print_settings(settings, metric)
+
+
+def sweep_compare(job_dirs: Sequence[Path]) -> dict[str, Any]:
+    """The `compare` settings of a sweep's jobs (their .hydra/config.yaml), or none."""
+    from omegaconf import OmegaConf
+
+    for job_dir in job_dirs:
+        path = job_dir / ".hydra" / "config.yaml"
+        if path.is_file():
+            return dict(OmegaConf.load(path).get("compare") or {})
+    return {}
 
 
 if __name__ == "__main__":

@@ -109,6 +109,8 @@ def fit_and_test(
         },
         "best_epoch": best.get("epoch"),
         "tested": "best" if best_path else "last",
+        "seed": cfg.seed,
+        "to_target": history.to_target(cfg.target.val_acc),
         "epochs": epochs,
         "steps": trainer.global_step,
         "n_train": len(split.train),
@@ -127,22 +129,28 @@ def fit_and_test(
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """Validate, read the source, split it (stratified on `data.stratify_by`, by `data.group_by`), and fit: one
-    split, or the k folds of `cv.folds` (each a run folder `fold_<i>/`)."""
+    """Validate, read the source, split it from `data.split_seed` (stratified on `data.stratify_by`, by
+    `data.group_by`), and fit: one model, the k folds of `cv.folds` (each a run folder `fold_<i>/`), or the k
+    `replicates` on one split (each a run folder `replicate_<i>/`)."""
     import pytorch_lightning as pl
 
     from descent.crossval import cross_validate
     from descent.data.sources import build_source
     from descent.data.splits import make_splits
+    from descent.replicates import train_replicates
 
     validate(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     source = build_source(cfg.data)
     columns = {name: source.column(name) for name in cfg.data.stratify_by}
     groups = source.column(cfg.data.group_by) if cfg.data.group_by else None
-    splits = make_splits(len(source.labels), columns, tuple(cfg.data.split), cfg.seed, cfg.cv.folds, groups)
+    test = source.official_test() if cfg.data.get("official_test") else None
+    fractions = tuple(cfg.data.split)
+    splits = make_splits(len(source.labels), columns, fractions, cfg.data.split_seed, cfg.cv.folds, groups, test)
     if cfg.cv.folds:
         return cross_validate(cfg, source, splits, run_dir, fit_and_test)
+    if cfg.replicates > 1:
+        return train_replicates(cfg, source, splits[0], run_dir, fit_and_test)
     return fit_and_test(cfg, source, splits[0], run_dir)
 
 

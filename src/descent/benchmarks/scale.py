@@ -114,24 +114,35 @@ def main(argv: list[str]) -> None:
     work = Path(tempfile.mkdtemp(prefix="descent-scale-"))
     data_dir = args.dir or work
     common = [
-        "data=synthetic", f"data.image_size={args.image_size}", f"data.batch_size={args.batch_size}",
-        "model.hidden_dims=[64]", "trainer.max_epochs=1", "callbacks.progress_bar=null", f"threads={args.threads}",
-    ]  # fmt: skip
+        "data=synthetic",
+        f"data.image_size={args.image_size}",
+        f"data.batch_size={args.batch_size}",
+        "model.hidden_dims=[64]",
+        "trainer.max_epochs=1",
+        "callbacks.progress_bar=null",
+        f"threads={args.threads}",
+    ]
     streamed_data = [*common, f"data.n_samples={args.n_samples}", f"data.dir={data_dir}/streamed"]
     try:
         written = watch(
             [sys.executable, "-c", f"import descent.benchmarks.scale as s; s.write_synthetic({streamed_data})"]
         )
         file_gb = (data_dir / "streamed" / "images.npy").stat().st_size / 1e9
-        print(f"wrote {args.n_samples:,} images ({file_gb:.2f} GB) in {written['wall_s']:.1f} s, "
-              f"peak RssAnon {written['rss_anon_mb']:.0f} MB")  # fmt: skip
+        print(
+            f"wrote {args.n_samples:,} images ({file_gb:.2f} GB) in {written['wall_s']:.1f} s, "
+            f"peak RssAnon {written['rss_anon_mb']:.0f} MB"
+        )
         evict(data_dir / "streamed" / "images.npy")
         streamed = train_and_watch(streamed_data, work / "streamed_run")
         in_memory = train_and_watch(
-            [*common, f"data.n_samples={args.in_memory_samples}", f"data.dir={data_dir}/in_memory",
-             "data.stream.in_memory_mb=1000000"],
+            [
+                *common,
+                f"data.n_samples={args.in_memory_samples}",
+                f"data.dir={data_dir}/in_memory",
+                "data.stream.in_memory_mb=1000000",
+            ],
             work / "in_memory_run",
-        )  # fmt: skip
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
         if args.dir:
@@ -149,9 +160,14 @@ def main(argv: list[str]) -> None:
         ("in memory", args.in_memory_samples, in_memory),
     ):
         table.add_row(
-            name, f"{n:,}", f"{row['samples_per_s']:,.0f}", f"{row['test_acc']:.4f}", f"{row['rss_anon_mb']:,.0f}",
-            f"{row['rss_file_mb']:,.0f}", f"{row['wall_s']:.1f}",
-        )  # fmt: skip
+            name,
+            f"{n:,}",
+            f"{row['samples_per_s']:,.0f}",
+            f"{row['test_acc']:.4f}",
+            f"{row['rss_anon_mb']:,.0f}",
+            f"{row['rss_file_mb']:,.0f}",
+            f"{row['wall_s']:.1f}",
+        )
     Console().print(table)
     print(f"peak RssAnon of the out-of-core run: {streamed['rss_anon_mb']:.0f} MB with a {file_gb:.2f} GB data file")
     print(f"out-of-core throughput: {streamed['samples_per_s'] / in_memory['samples_per_s']:.0%} of in-memory")

@@ -80,8 +80,12 @@ def main(argv: list[str]) -> None:
         table.add_row(launcher, f"{wall:.1f}", f"{walls['basic'] / wall:.2f}")
     console = Console()
     console.print(table)
-    console.print(f"fixed cost of a job inside its process (all but its epochs): first {fixed[0]:.2f} s, then median "
-                  f"{statistics.median(fixed[1:]):.2f} s (warm)")  # fmt: skip
-    console.print(f"whole basic sweep less its training: {(walls['basic'] - training) / len(costs):.2f} s a job "
-                  "(process start and imports included)")  # fmt: skip
+    console.print(
+        f"fixed cost of a job inside its process (all but its epochs): first {fixed[0]:.2f} s, then median "
+        f"{statistics.median(fixed[1:]):.2f} s (warm)"
+    )
+    console.print(
+        f"whole basic sweep less its training: {(walls['basic'] - training) / len(costs):.2f} s a job "
+        "(process start and imports included)"
+    )
     print(f"joblib speed-up on a 4-job sweep: {walls['basic'] / walls['joblib']:.2f}")

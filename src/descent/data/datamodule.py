@@ -70,8 +70,10 @@ class ImageDataModule(pl.LightningDataModule):
         if self.streaming:
             log.info(
                 "streaming batches from %s: %.0f MB as float32 > data.stream.in_memory_mb=%s",
-                getattr(source.images, "filename", "the memory-mapped file"), size_mb, self.stream["in_memory_mb"],
-            )  # fmt: skip
+                getattr(source.images, "filename", "the memory-mapped file"),
+                size_mb,
+                self.stream["in_memory_mb"],
+            )
 
     def setup(self, stage: str | None = None) -> None:
         """Load each part once, on the device the model trains on (no host-to-device copy per batch)."""
@@ -99,13 +101,21 @@ class ImageDataModule(pl.LightningDataModule):
             return TensorBatches(*self.tensors[part], batch_size, shuffle, self.seed, rank=rank, world_size=world_size)
         if world_size > 1:
             raise ConfigError(
-                "trainer.devices", trainer.num_devices, "expected 1 with streamed data: streamed batches are not "
+                "trainer.devices",
+                trainer.num_devices,
+                "expected 1 with streamed data: streamed batches are not "
                 "split between DDP processes (use one device, or a data.stream.in_memory_mb the data fits in)",
-            )  # fmt: skip
+            )
         return StreamingBatches(
-            self.source.images, self.source.labels, batch_size, shuffle, self.seed, indices=getattr(self.split, part),
-            block_size=self.stream["block_size"], prefetch=self.stream["prefetch"],
-        )  # fmt: skip
+            self.source.images,
+            self.source.labels,
+            batch_size,
+            shuffle,
+            self.seed,
+            indices=getattr(self.split, part),
+            block_size=self.stream["block_size"],
+            prefetch=self.stream["prefetch"],
+        )
 
     def train_dataloader(self) -> TensorBatches | StreamingBatches:
         return self._batches("train", self.batch_size, shuffle=True)

@@ -68,40 +68,54 @@ class Named:
 # archive and md5 as its authors' page publishes them (https://www.cs.toronto.edu/~kriz/cifar.html)
 NAMED = {
     "mnist": Named(
-        "mnist", "MNIST/raw", IDX_FILES,
+        "mnist",
+        "MNIST/raw",
+        IDX_FILES,
         ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"),
-        {"train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
-         "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
-         "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
-         "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c"},
+        {
+            "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+            "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+            "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+            "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
+        },
         (28, 28),
     ),
     "fashion_mnist": Named(
-        "fashion_mnist", "FashionMNIST/raw", IDX_FILES,
+        "fashion_mnist",
+        "FashionMNIST/raw",
+        IDX_FILES,
         ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
-        {"train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
-         "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
-         "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
-         "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310"},
+        {
+            "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+            "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+            "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+            "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
+        },
         (28, 28),
     ),
     "kmnist": Named(
-        "kmnist", "KMNIST/raw", IDX_FILES,
+        "kmnist",
+        "KMNIST/raw",
+        IDX_FILES,
         ("http://codh.rois.ac.jp/kmnist/dataset/kmnist/",),
-        {"train-images-idx3-ubyte.gz": "bdb82020997e1d708af4cf47b453dcf7",
-         "train-labels-idx1-ubyte.gz": "e144d726b3acfaa3e44228e80efcd344",
-         "t10k-images-idx3-ubyte.gz": "5c965bf0a639b31b8f53240b1b52f4d7",
-         "t10k-labels-idx1-ubyte.gz": "7320c461ea6c1c855c0b718fb2a4b134"},
+        {
+            "train-images-idx3-ubyte.gz": "bdb82020997e1d708af4cf47b453dcf7",
+            "train-labels-idx1-ubyte.gz": "e144d726b3acfaa3e44228e80efcd344",
+            "t10k-images-idx3-ubyte.gz": "5c965bf0a639b31b8f53240b1b52f4d7",
+            "t10k-labels-idx1-ubyte.gz": "7320c461ea6c1c855c0b718fb2a4b134",
+        },
         (28, 28),
     ),
     "cifar10": Named(
-        "cifar10", "cifar-10-batches-bin", CIFAR_FILES,
+        "cifar10",
+        "cifar-10-batches-bin",
+        CIFAR_FILES,
         ("https://www.cs.toronto.edu/~kriz/",),
         {"cifar-10-binary.tar.gz": "c32a1d4ab5d03f1284b67883e8d87530"},
         (3, 32, 32),
         archive="cifar-10-binary.tar.gz",
     ),
-}  # fmt: skip
+}
 
 
 def _bad(root: Path, path: Path, problem: str) -> ConfigError:
@@ -138,9 +152,11 @@ def _absent(spec: Named, root: Path, missing: list[str], why: str) -> ConfigErro
         expected = ", ".join(f"{name}(.gz)" for name in missing)
         how = f"download them from {' or '.join(spec.mirrors)} into that folder"
     return ConfigError(
-        "data.root", str(root), f"expected {root / spec.folder}/ to hold {expected}: {how}, or run once with network "
+        "data.root",
+        str(root),
+        f"expected {root / spec.folder}/ to hold {expected}: {how}, or run once with network "
         f"and data.download=true ({why})",
-    )  # fmt: skip
+    )
 
 
 def _download(spec: Named, name: str, target: Path) -> list[str]:

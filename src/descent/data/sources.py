@@ -47,6 +47,13 @@ class Source:
     def image_shape(self) -> tuple[int, ...]:
         return tuple(self.images.shape[1:])
 
+    def official_test(self) -> np.ndarray:
+        """The indices of the data set's official test set (`data.official_test=true`), from its `official` column."""
+        if self.metadata is None or "official" not in self.metadata.columns:
+            allowed = "expected false: only the named data sets (mnist, fashion_mnist, kmnist, cifar10) have one"
+            raise ConfigError("data.official_test", True, allowed)
+        return np.flatnonzero(self.metadata["official"].to_numpy() == "test")
+
     def column(self, name: str) -> np.ndarray:
         """`label` or a metadata column, as an array of N values."""
         if name == "label":
@@ -93,21 +100,24 @@ def open_arrays(
     images = _open_npy("data.images", images_path)
     if images.ndim not in (3, 4) or not (np.issubdtype(images.dtype, np.number) or images.dtype == bool):
         raise ConfigError(
-            "data.images", images_path,
+            "data.images",
+            images_path,
             f"expected numbers of shape (N,H,W) or (N,C,H,W), got {images.dtype} of shape {images.shape}",
-        )  # fmt: skip
+        )
     raw_labels = _open_npy("data.labels", labels_path)
     if raw_labels.ndim != 1 or not np.issubdtype(raw_labels.dtype, np.integer):
         raise ConfigError(
-            "data.labels", labels_path,
+            "data.labels",
+            labels_path,
             f"expected a 1-D array of integer class labels, got {raw_labels.dtype} of shape {raw_labels.shape}",
-        )  # fmt: skip
+        )
     if len(raw_labels) != len(images):
         raise ConfigError(
-            "data.labels", labels_path,
+            "data.labels",
+            labels_path,
             f"it holds {len(raw_labels)} labels but data.images holds {len(images)} images: expected one label per "
             "image",
-        )  # fmt: skip
+        )
     labels = np.asarray(raw_labels, dtype=np.int64)
     if len(labels) and labels.min() < 0:
         raise ConfigError("data.labels", labels_path, f"expected labels >= 0 (0..C-1), found {labels.min()}")

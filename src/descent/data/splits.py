@@ -77,8 +77,12 @@ def strata(columns: dict[str, np.ndarray], needed: int) -> np.ndarray:
         pooled[pooled == pool] = np.bincount(full).argmax()
     log.info(
         "data.stratify_by=%s: %d samples in strata of fewer than %d were pooled by %s (the merging rule of "
-        "descent.data.splits.strata)", names, int(small.sum()), needed, anchor,
-    )  # fmt: skip
+        "descent.data.splits.strata)",
+        names,
+        int(small.sum()),
+        needed,
+        anchor,
+    )
     return pd.factorize(pooled)[0]
 
 
@@ -136,6 +140,23 @@ def train_val_test(
     return Split(np.sort(train), np.sort(val_part), np.sort(test_part))
 
 
+def with_test(
+    strata: np.ndarray,
+    fractions: tuple[float, float, float],
+    seed: int,
+    test: np.ndarray,
+    groups: np.ndarray | None = None,
+) -> Split:
+    """A split whose test part is given (a data set's official test set): val is a stratified val/(train+val) share
+    of the rest (by group when given), train the remainder."""
+    train, val, _ = fractions
+    rest = np.setdiff1d(np.arange(len(strata)), test)
+    if groups is not None:
+        _check_groups(groups[rest], _parts_of(val / (train + val)), "data.split", list(fractions), "its val part")
+    fit, val_part = _hold_out(rest, strata[rest], val / (train + val), seed, None if groups is None else groups[rest])
+    return Split(np.sort(fit), np.sort(val_part), np.sort(test))
+
+
 def k_fold(
     strata: np.ndarray,
     fractions: tuple[float, float, float],
@@ -171,9 +192,11 @@ def make_splits(
     seed: int,
     folds: int = 0,
     groups: np.ndarray | None = None,
+    test: np.ndarray | None = None,
 ) -> list[Split]:
-    """One train/val/test split (`folds=0`) or the k splits of k-fold cross-validation of `size` samples,
-    stratified on the joint key of `columns` (none: one stratum), refusing strata too small by name."""
+    """One train/val/test split (`folds=0`; with `test`, that test part), or the k splits of k-fold cross-validation
+    of `size` samples, stratified on the joint key of `columns` (none: one stratum), refusing strata too small by
+    name. `seed` is the split's own (data.split_seed): the runs of other seeds share the split."""
     needed = needed_per_stratum(fractions, folds)
     try:
         codes = strata(columns, needed) if columns else np.zeros(size, dtype=np.int64)
@@ -181,9 +204,13 @@ def make_splits(
         key, value = ("cv.folds", folds) if folds else ("data.stratify_by", list(columns))
         what = f"{folds} folds with data.split={list(fractions)}" if folds else f"data.split={list(fractions)}"
         raise ConfigError(
-            key, value, f"{small}: {what} needs at least {needed} samples in every stratum "
+            key,
+            value,
+            f"{small}: {what} needs at least {needed} samples in every stratum "
             "(every fold and part gets one); use fewer folds or drop columns from data.stratify_by",
-        ) from None  # fmt: skip
+        ) from None
     if folds:
         return k_fold(codes, fractions, folds, seed, groups)
+    if test is not None:
+        return [with_test(codes, fractions, seed, test, groups)]
     return [train_val_test(codes, fractions, seed, groups)]
