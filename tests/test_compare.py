@@ -274,6 +274,8 @@ def test_labels_name_what_varies_between_settings():
     assert list(two.values()) == ["optimizer=adam lr=0.1", "optimizer=sgd lr=0.01"]
     assert labels([("optimizer=adam",), ()]) == {("optimizer=adam",): "adam", (): "(defaults)"}
     assert labels([("optimizer=adam", "lr=0.1")]) == {("optimizer=adam", "lr=0.1"): "optimizer=adam lr=0.1"}
+    keyed = labels([("data.batch_size=32",), ("data.batch_size=full",)])  # a key, not a group: named by its last part
+    assert list(keyed.values()) == ["batch_size=32", "batch_size=full"]
     assert labels([()]) == {(): "(defaults)"}
 
 

@@ -99,8 +99,9 @@ def test_sweep_report_answers_per_setting_and_never_plots_against_the_seed(train
     assert process.returncode == 0, process.stderr
     report = assert_readable_pngs_linked_from_report(sweep_dir, ["compare_data_batch_size.png", "curves.png"])
     first = report.splitlines()[2]
-    assert first.startswith("**32 ") and "(95% CI, n=3): best; full " in first and "worse (p=" in first
-    assert "| 32 | 3 |" in report and "| full | 3 |" in report  # the settings table: a row per setting
+    assert first.startswith("**batch_size=32 ") and "(95% CI, n=3): best; batch_size=full " in first
+    assert "worse (p=" in first
+    assert "| batch_size=32 | 3 |" in report and "| batch_size=full | 3 |" in report  # a row per setting
     assert not list(sweep_dir.glob("*seed*.png")) and "seed" not in "".join(p.name for p in sweep_dir.glob("*.png"))
     assert "Failed jobs: 6" in report and (sweep_dir / "settings.csv").is_file()
 

@@ -222,8 +222,9 @@ def _parse(override: str) -> tuple[str, str]:
 
 
 def labels(settings: Sequence[tuple[str, ...]]) -> dict[tuple[str, ...], str]:
-    """A short name per setting: with one key varying between settings, its value ("adam"); with several, "k=v k=v" of
-    the varying keys; with one setting, its overrides joined or "(defaults)"."""
+    """A short name per setting: with one key varying between settings, its value ("adam") for a config group, its last
+    part and value ("batch_size=32") for a key; with several, "k=v k=v" of the varying keys; with one setting, its
+    overrides joined or "(defaults)"."""
     settings = list(dict.fromkeys(settings))
     joined = [" ".join(s) or "(defaults)" for s in settings]
     if len(settings) < 2:
@@ -231,8 +232,10 @@ def labels(settings: Sequence[tuple[str, ...]]) -> dict[tuple[str, ...], str]:
     parsed = [dict(_parse(o) for o in s) for s in settings]
     keys = dict.fromkeys(k for p in parsed for k in p)
     varying = [k for k in keys if len({p.get(k) for p in parsed}) > 1]
-    if len(varying) == 1:
-        names = [p.get(varying[0], "(defaults)") for p in parsed]
+    if len(varying) == 1:  # a group's choice by its name ("adam"), a key by its last part ("batch_size=32")
+        key = varying[0]
+        short = key.rsplit(".", 1)[-1]
+        names = ["(defaults)" if key not in p else p[key] if key == short else f"{short}={p[key]}" for p in parsed]
     else:
         names = [" ".join(f"{k}={p[k]}" for k in varying if k in p) or "(defaults)" for p in parsed]
     if len(set(names)) < len(names):  # settings that differ only in how a key was typed ("+k=1" and "k=1")

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from descent import CONF_DIR
 from descent.config import ConfigError, exit_on_config_error, validate_eval
 from descent.results import write_results
-from descent.trainer import set_threads, unset_empty_variables
+from descent.trainer import quiet_lightning, set_threads, unset_empty_variables
 
 log = logging.getLogger("descent")
 
@@ -98,10 +98,11 @@ def main(cfg: DictConfig) -> None:
     from descent.tables import rich_table
 
     unset_empty_variables()
+    quiet_lightning()
     results = evaluate(cfg)
     write_results(Path(HydraConfig.get().runtime.output_dir), results)
     rows = [[key, f"{value:.6f}"] for key, value in sorted(results["metrics"].items())]
-    Console().print(rich_table(f"test metrics of {results['ckpt_path']}", ["metric", "value"], rows))
+    Console().print(rich_table("test metrics", ["metric", "value"], rows, caption=results["ckpt_path"]))
 
 
 if __name__ == "__main__":

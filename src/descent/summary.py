@@ -186,7 +186,7 @@ def cell_estimate(row: dict[str, Any], metric: str) -> str:
 
 def settings_table(rows: list[dict[str, Any]], metrics: Sequence[str]) -> tuple[list[str], list[list[Any]]]:
     """The settings as a table of strings: a setting's label, n, each metric's mean ± 95% half-width, the verdict."""
-    columns = ["setting", "n", *(m.replace("to_target/seconds", "to target (s)") for m in metrics), "verdict", "p"]
+    columns = ["setting", "n", *(m.replace("to_target/seconds", "s to target") for m in metrics), "verdict", "p"]
     cells = [
         [row["label"], row["n"], *(cell_estimate(row, m) for m in metrics), row["verdict"], row["p_value"]]
         for row in rows

@@ -36,14 +36,20 @@ def markdown(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
-def rich_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], styles: Sequence[str] = ()) -> Table:
+def rich_table(
+    title: str,
+    columns: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+    styles: Sequence[str] = (),
+    caption: str | None = None,
+) -> Table:
     """A rich table for the terminal, without outer edges; a dotted column name breaks after its dots (`model.` over
     `dropout`) where rich would cut it anywhere to fit."""
     from rich import box
     from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False)
+    table = Table(title=title, caption=caption, box=box.SIMPLE_HEAD, show_edge=False)
     for column in columns:
         table.add_column(escape(column.replace(".", ".\n")), overflow="fold")
     for index, row in enumerate(rows):
