@@ -224,6 +224,8 @@ CALLBACK: Schema = {
     "mode": Rule(one_of("min", "max"), "expected 'min' or 'max'"),
     "monitor": Rule(null_or(is_str), "expected null or a logged metric's name"),
 }
+# arguments a config of the group must set, though its target has a default for them (the course sets them all)
+REQUIRED = {"optimizer": ("lr",), "trainer": ("max_epochs",)}
 # arguments descent itself passes when it instantiates a group: a config must not set them
 SUPPLIED = {
     "model": ("in_features", "input_shape", "num_classes"),
@@ -328,9 +330,10 @@ def check_target(node: DictConfig, prefix: str, group: str, ranges: Schema) -> N
     accepted = {name for name, p in parameters.items() if p.kind != p.VAR_KEYWORD} - set(supplied)
     if not takes_any:
         unknown(node, prefix, accepted | HYDRA_KEYS, what=str(node["_target_"]))
-    for name in accepted:
+    for name in sorted(accepted):
         parameter = parameters[name]
-        if parameter.default is parameter.empty and parameter.kind != parameter.VAR_KEYWORD and name not in node:
+        required = parameter.default is parameter.empty or name in REQUIRED.get(group, ())
+        if required and parameter.kind != parameter.VAR_KEYWORD and name not in node:
             allowed = ranges[name].allowed if name in ranges else f"an argument of {node['_target_']} without default"
             raise ConfigError(_join(prefix, name), MISSING, allowed)
     check(node, prefix, ranges, closed=False)
@@ -340,8 +343,7 @@ def validate(cfg: DictConfig) -> None:
     """Raise `ConfigError` on the first value a training run must not start with."""
     from descent.data.sources import SCHEMAS
 
-    unknown(cfg, "", {*TOP, *TRAIN_GROUPS})
-    check(cfg, "", TOP, closed=False)
+    check(cfg, "", TOP, extra=TRAIN_GROUPS)
     for group in TRAIN_GROUPS:
         if group not in cfg:
             raise ConfigError(group, MISSING, f"expected the {group} group (conf/{group}/)")

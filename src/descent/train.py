@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from descent import CONF_DIR
 from descent.callbacks import EpochHistory, GracefulStop
+from descent.compare import estimate
 from descent.config import check_batch_size, exit_on_config_error, typed_unless_secret, validate
 from descent.results import Status, recorded, task_overrides
 from descent.resume import Interrupted, exit_on_interrupt, resumed_config, stop_on_signal
@@ -173,9 +174,22 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             )
             raise
     metrics = results["metrics"]
+    if "replicates" in results:
+        val, test = (results["mean"].get(m) for m in ("val/acc", "test/acc"))
+        low, high = results["ci95"].get("val/acc", [None, None])
+        shown = estimate(val, low, high) if val is not None else "-"
+        log.info(
+            "%s: %d replicates, val/acc %s (95%% CI), mean test/acc %s -> %s",
+            Status(results["status"]).value,
+            len(results["replicates"]),
+            shown,
+            "-" if test is None else f"{test:.4f}",
+            run_dir / "results.json",
+        )
+        return results
     log.info(
         "%s: test/acc=%.4f val/acc=%.4f (best epoch %s of %d, %d steps) -> %s",
-        results["status"].value,
+        Status(results["status"]).value,
         metrics.get("test/acc", float("nan")),
         metrics.get("val/acc", float("nan")),
         results["best_epoch"],
