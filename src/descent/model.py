@@ -5,7 +5,8 @@ that a checkpoint loads with `torch.load(weights_only=True)`) and instantiates t
 optimizer in `configure_optimizers`).
 Metrics are aggregated per epoch by torchmetrics; nothing is logged or synchronised per step. Each step only keeps
 its per-sample losses, predictions and labels (on the device); torchmetrics gets them in one update every
-`METRIC_FLUSH_STEPS` steps and at the end of the epoch: the same numbers as an update per step, at ~10% of its cost.
+`METRIC_FLUSH_STEPS` steps and at the end of the epoch: the same numbers as an update per step, for a fraction of
+its cost.
 """
 
 from __future__ import annotations
@@ -182,7 +183,7 @@ class Classifier(pl.LightningModule):
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """The metric states are in it only while they hold an epoch's partial sums (a signal's mid-epoch last.ckpt);
-        at an epoch's end they are reset, and 30 empty tensors would cost every checkpoint ~30% more to write."""
+        at an epoch's end they are reset, and their empty tensors would only make every checkpoint slower to write."""
         stages = (self.train_metrics, self.val_metrics, self.test_metrics)
         partial = [metrics for metrics in stages if any(metric.update_count for metric in metrics.values())]
         for metrics in partial:

@@ -1,7 +1,8 @@
 """The pictures: matplotlib figures (Agg backend, files only) for runs, CV runs, sweeps and the course's figures.
 
 Each function draws one figure from numbers it is given and writes one PNG with a title, axis labels and a legend.
-Imported lazily (matplotlib costs ~0.3 s): training only pays for it after its test. Nothing here reads run folders.
+Imported lazily (matplotlib takes a while to import): training only pays for it after its test. Nothing here reads
+run folders.
 """
 
 from __future__ import annotations
