@@ -1,10 +1,12 @@
 """Small fake copies of the named data sets in their official formats: MNIST's family as IDX files (plain or gzipped),
-CIFAR-10 as binary batches (loose, or in its tar.gz archive), in torchvision's folder layout."""
+CIFAR-10 as binary batches or as the python version's pickled batches (loose, or in their tar.gz archives), in
+torchvision's folder layout."""
 
 from __future__ import annotations
 
 import gzip
 import io
+import pickle
 import struct
 import tarfile
 from pathlib import Path
@@ -12,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 CIFAR_BATCHES = [f"data_batch_{i}.bin" for i in range(1, 6)]
+CIFAR_CLASSES = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]
 
 
 def idx_bytes(array: np.ndarray) -> bytes:
@@ -107,3 +110,50 @@ def write_cifar_archive(
             info.size = len(content)
             tar.addfile(info, io.BytesIO(content))
     return pooled_cifar(records)
+
+
+def cifar_python_batch(name: str, labels: np.ndarray, images: np.ndarray, protocol: int = 2) -> bytes:
+    """A batch of the python version as CIFAR's own are pickled (protocol 2): a dict with bytes keys, `data` uint8
+    (N, 3072) (red, green, blue planes, each row-major), `labels` a list of ints, `batch_label` and `filenames`."""
+    batch = {
+        b"batch_label": f"{name} of the fake set".encode(),
+        b"labels": [int(label) for label in labels],
+        b"data": images.reshape(len(labels), -1),
+        b"filenames": [f"image_{i}.png".encode() for i in range(len(labels))],
+    }
+    return pickle.dumps(batch, protocol=protocol)
+
+
+def python_batches(per_batch: int, seed: int, protocol: int = 2) -> tuple[dict[str, bytes], dict[str, np.ndarray]]:
+    """The files of `cifar-10-batches-py/` (six batches and batches.meta) by name, and the pooled arrays."""
+    records = cifar_records(per_batch, seed)
+    files = {
+        name.removesuffix(".bin"): cifar_python_batch(name, *arrays, protocol=protocol)
+        for name, arrays in records.items()
+    }
+    meta = {b"num_cases_per_batch": per_batch, b"label_names": CIFAR_CLASSES, b"num_vis": 3072}
+    files["batches.meta"] = pickle.dumps(meta, protocol=protocol)
+    return files, pooled_cifar(records)
+
+
+def write_cifar_python_set(root: Path, per_batch: int = 20, seed: int = 0, protocol: int = 2) -> dict[str, np.ndarray]:
+    """torchvision's CIFAR-10 download: the python version's batches in `<root>/cifar-10-batches-py/`; returns the
+    pooled `images`, `labels` and `official`."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    files, pooled = python_batches(per_batch, seed, protocol)
+    for name, content in files.items():
+        (folder / name).write_bytes(content)
+    return pooled
+
+
+def write_cifar_python_archive(path: Path, per_batch: int = 20, seed: int = 0) -> dict[str, np.ndarray]:
+    """cifar-10-python.tar.gz as torchvision downloads it (members `cifar-10-batches-py/<batch>`)."""
+    files, pooled = python_batches(per_batch, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w:gz") as tar:
+        for name, content in files.items():
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(content)
+            tar.addfile(info, io.BytesIO(content))
+    return pooled

@@ -7,13 +7,22 @@ import gzip
 import hashlib
 import http.server
 import os
+import pickle
 import socket
 import threading
 
 import numpy as np
 import pytest
 from conftest import compose_train, results_of
-from fake_datasets import idx_bytes, write_cifar_archive, write_cifar_set, write_idx_set
+from fake_datasets import (
+    cifar_python_batch,
+    idx_bytes,
+    write_cifar_archive,
+    write_cifar_python_archive,
+    write_cifar_python_set,
+    write_cifar_set,
+    write_idx_set,
+)
 
 from descent.config import ConfigError
 from descent.data import named
@@ -149,9 +158,75 @@ def test_absent_files_without_download_name_the_root_the_files_and_how_to_place_
     refused("fashion_mnist", root, cache, "FashionMNIST/raw/", "fashion-mnist.s3-website")
 
 
-def test_absent_cifar_batches_point_at_the_binary_version(root, cache):
+def test_absent_cifar_batches_point_at_the_binary_version_and_what_the_python_one_lacks(root, cache):
     (root / "cifar-10-batches-py").mkdir(parents=True)
-    refused("cifar10", root, cache, "cifar-10-batches-bin/", "test_batch.bin", "cifar-10-binary.tar.gz", "python")
+    expected = ["cifar-10-batches-bin/", "test_batch.bin", "cifar-10-binary.tar.gz", "torchvision's python version"]
+    refused("cifar10", root, cache, *expected, "it lacks data_batch_1, ")
+
+
+@pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL], ids=["cifars-own-protocol", "highest-protocol"])
+def test_torchvisions_python_batches_are_read_back_exactly(root, cache, protocol):
+    expected = write_cifar_python_set(root, per_batch=20, protocol=protocol)
+    source = load("cifar10", root, cache)
+    assert source.images.shape == (120, 3, 32, 32) and source.images.dtype == np.uint8
+    assert_same(source, expected)
+
+
+def test_the_python_version_is_preferred_to_the_binary_one_when_both_are_there(root, cache):
+    write_cifar_set(root, per_batch=10, seed=0)
+    expected = write_cifar_python_set(root, per_batch=12, seed=5)
+    assert_same(load("cifar10", root, cache), expected)
+
+
+def test_torchvisions_python_archive_in_the_root_is_extracted(root, cache):
+    expected = write_cifar_python_archive(root / "cifar-10-python.tar.gz", per_batch=10)
+    assert_same(load("cifar10", root, cache), expected)
+    assert (root / "cifar-10-batches-py" / "test_batch").is_file()
+
+
+class Payload:
+    """Unpickled by a plain pickle.load, it would call eval and write a file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return eval, (f"open({str(self.marker)!r}, 'w')",)
+
+
+def test_a_pickled_batch_asking_for_anything_but_numpy_arrays_is_refused_and_never_run(tmp_path, root, cache):
+    write_cifar_python_set(root, per_batch=4)
+    batch = root / "cifar-10-batches-py/data_batch_2"
+    marker = tmp_path / "ran"
+    corrupt(batch, pickle.dumps({b"data": Payload(marker), b"labels": [0]}, protocol=2))
+    refused("cifar10", root, cache, batch, "refused", "__builtin__.eval", "never holds")
+    assert not marker.exists() and not any(cache.glob("*"))
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (lambda good: good[: len(good) // 2], "not a readable CIFAR-10 python batch"),
+        (lambda good: b"", "not a readable CIFAR-10 python batch"),
+        (lambda good: pickle.dumps([1, 2, 3], protocol=2), "a pickled list, not a dict"),
+        (
+            lambda good: cifar_python_batch("x", np.zeros(4, np.uint8), np.zeros((4, 3, 32, 31), np.uint8)),
+            "not uint8 (N, 3072)",
+        ),
+        (
+            lambda good: pickle.dumps({b"data": np.zeros((4, 3072), np.uint8), b"labels": [0, 1]}, protocol=2),
+            "4 images but labels of shape (2,)",
+        ),
+        (lambda good: cifar_python_batch("x", np.full(4, 11, np.uint8), np.zeros((4, 3072), np.uint8)), "the label 11"),
+    ],
+    ids=["truncated", "empty", "not-a-dict", "pixels", "labels", "label-range"],
+)
+def test_a_damaged_python_batch_is_refused_by_name(root, cache, content, message):
+    write_cifar_python_set(root, per_batch=4)
+    batch = root / "cifar-10-batches-py/test_batch"
+    corrupt(batch, content(batch.read_bytes()))
+    refused("cifar10", root, cache, batch, message)
+    assert not any(cache.glob("*"))
 
 
 @pytest.fixture

@@ -1,11 +1,14 @@
-"""Named data sets by name: `data=mnist`, `fashion_mnist`, `kmnist` (IDX files) and `cifar10` (the binary version).
+"""Named data sets by name: `data=mnist`, `fashion_mnist`, `kmnist` (IDX files) and `cifar10` (the python version's
+pickled batches, as torchvision keeps them, or the binary version's records).
 
 Their official files are read where torchvision keeps them under `data.root`, so that an existing torchvision download
 is found; absent files are downloaded from the official mirrors and kept only once their published md5 matches. The
 files are converted once into a memory-mapped cache as `data=folder` does, with an `official` column (train or test)
 in its metadata, then opened as `data=arrays` is. Standard library only: torchvision cannot be a dependency (its
 registry build does not import next to the CPU torch). A bad or absent file is a `ConfigError` naming `data.root` and
-the file, never a traceback; a download never leaves a file that looks complete but is not.
+the file, never a traceback; a download never leaves a file that looks complete but is not. A pickled batch is read by
+an unpickler that builds numpy arrays and plain containers only: a file that asks for anything else is refused, and
+nothing in it is ever called.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import http.client
 import json
 import logging
 import os
+import pickle
 import shutil
 import struct
 import tarfile
@@ -43,7 +47,23 @@ IDX_FILES = {
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 CIFAR_FILES = {"train": tuple(f"data_batch_{i}.bin" for i in range(1, 6)), "test": ("test_batch.bin",)}
-CIFAR_RECORD = 1 + 3 * 32 * 32  # one label byte, then the red, green and blue planes, each row-major
+CIFAR_PYTHON_FILES = {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)}
+CIFAR_PIXELS = 3 * 32 * 32  # the red, green and blue planes, each row-major, in both versions
+CIFAR_RECORD = 1 + CIFAR_PIXELS  # the binary version: one label byte, then the pixels
+# The only globals a CIFAR-10 python batch (a dict of a numpy array and lists) may name when unpickled: numpy's array
+# reconstruction as numpy 1 and 2 write it under each pickle protocol, and bytes as Python 3 writes them under
+# protocol 2. Anything else (os.system, builtins.eval...) is refused before it is looked up.
+PICKLE_GLOBALS = frozenset(
+    {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -52,7 +72,8 @@ class Named:
 
     `files` names the train and test files in `folder` (IDX pairs: images, labels). Without `archive`, each file is
     downloaded as `<name>.gz`; with it, the archive is downloaded into the root and `folder` extracted from it.
-    `checksums` holds the published md5 of each downloaded name; a mirror is a URL prefix for those names.
+    `checksums` holds the published md5 of each downloaded name; a mirror is a URL prefix for those names. `kind`
+    says how the files are read: `idx`, `cifar-binary` (records) or `cifar-python` (pickled batches).
     """
 
     name: str
@@ -62,6 +83,7 @@ class Named:
     checksums: dict[str, str]
     image_shape: tuple[int, ...]
     archive: str | None = None
+    kind: str = "idx"
 
 
 # mirrors and md5s as torchvision's datasets/mnist.py publishes them (MNIST: its S3 mirror first); CIFAR-10's binary
@@ -114,8 +136,20 @@ NAMED = {
         {"cifar-10-binary.tar.gz": "c32a1d4ab5d03f1284b67883e8d87530"},
         (3, 32, 32),
         archive="cifar-10-binary.tar.gz",
+        kind="cifar-binary",
     ),
 }
+# torchvision's CIFAR-10: the python version, its archive and md5 as torchvision's datasets/cifar.py publishes them
+CIFAR_PYTHON = Named(
+    "cifar10",
+    "cifar-10-batches-py",
+    CIFAR_PYTHON_FILES,
+    NAMED["cifar10"].mirrors,
+    {"cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a"},
+    (3, 32, 32),
+    archive="cifar-10-python.tar.gz",
+    kind="cifar-python",
+)
 
 
 def _bad(root: Path, path: Path, problem: str) -> ConfigError:
@@ -145,9 +179,12 @@ def _absent(spec: Named, root: Path, missing: list[str], why: str) -> ConfigErro
     """The one-line error for files absent and not downloaded: which files, where, and how to place them."""
     if spec.archive:
         expected = ", ".join(missing)
-        how = f"download {spec.mirrors[0]}{spec.archive} (the binary version) and extract it in {root}"
-        if (root / "cifar-10-batches-py").is_dir():
-            how += " (the cifar-10-batches-py there is torchvision's python version, not this one)"
+        version = "the python version" if spec.kind == "cifar-python" else "the binary version"
+        how = f"download {spec.mirrors[0]}{spec.archive} ({version}) and extract it in {root}"
+        python = root / CIFAR_PYTHON.folder
+        if python.is_dir():
+            lacks = ", ".join(_find(CIFAR_PYTHON, root)[1])
+            how += f" (torchvision's python version in {python}/ is read instead once it is whole; it lacks {lacks})"
     else:
         expected = ", ".join(f"{name}(.gz)" for name in missing)
         how = f"download them from {' or '.join(spec.mirrors)} into that folder"
@@ -324,6 +361,62 @@ def _cifar_part(spec: Named, root: Path, official: str, path: Path) -> _Part:
     return _Part(official, size // CIFAR_RECORD, fill)
 
 
+class _Refused(pickle.UnpicklingError):
+    """A pickle that names a global outside PICKLE_GLOBALS."""
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays and plain containers only: a global outside PICKLE_GLOBALS is refused, never looked up."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in PICKLE_GLOBALS:
+            raise _Refused(f"its pickle asks for {module}.{name}, which a CIFAR-10 batch never holds")
+        return super().find_class(module, name)
+
+
+def _python_batch(root: Path, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The pixels (N, 3072) and labels (N,) of a CIFAR-10 python batch: a pickled dict with `data` (uint8) and
+    `labels` (a list of ints), its keys bytes as CIFAR's own Python 2 pickles give them, or str."""
+    try:
+        with path.open("rb") as stream:
+            batch = _BatchUnpickler(stream, encoding="bytes").load()
+    except _Refused as error:
+        raise _bad(root, path, f"refused: {error}") from None
+    except Exception as error:  # a damaged pickle can fail in any way; none of it is run
+        raise _bad(root, path, f"not a readable CIFAR-10 python batch ({type(error).__name__}: {error})") from None
+    if not isinstance(batch, dict):
+        raise _bad(root, path, f"not a CIFAR-10 python batch (a pickled {type(batch).__name__}, not a dict)")
+    data, labels = (batch.get(key.encode(), batch.get(key)) for key in ("data", "labels"))
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != CIFAR_PIXELS:
+        shown = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise _bad(root, path, f"not a CIFAR-10 python batch: its data is {shown}, not uint8 (N, {CIFAR_PIXELS})")
+    labels = np.asarray(labels if labels is not None else [])
+    if labels.shape != (len(data),) or (len(labels) and not np.issubdtype(labels.dtype, np.integer)):
+        raise _bad(root, path, f"not a CIFAR-10 python batch: {len(data)} images but labels of shape {labels.shape}")
+    if len(labels) and labels.min() < 0:
+        raise _bad(root, path, f"not a file of labels 0..{NUM_CLASSES - 1}: it holds the label {labels.min()}")
+    return data, _checked_labels(root, path, labels)
+
+
+def _cifar_python_part(spec: Named, root: Path, official: str, path: Path) -> _Part:
+    """A CIFAR-10 python batch, checked whole now; `fill` reads it again (one batch in memory at a time)."""
+    count = len(_python_batch(root, path)[1])
+
+    def fill(images: np.ndarray, labels: np.ndarray) -> None:
+        data, labels[:] = _python_batch(root, path)  # the pixels, and the labels copied into place
+        images[:] = data.reshape(len(data), *spec.image_shape)
+
+    return _Part(official, count, fill)
+
+
+def _cifar_version(root: Path) -> Named:
+    """torchvision's python version when its six batches (or its archive, to extract) are in the root, else the
+    binary version."""
+    if not _find(CIFAR_PYTHON, root)[1] or (root / CIFAR_PYTHON.archive).is_file():
+        return CIFAR_PYTHON
+    return NAMED["cifar10"]
+
+
 def _manifest(folder: Path) -> dict[str, Any] | None:
     try:
         return json.loads((folder / "manifest.json").read_text())
@@ -380,6 +473,8 @@ def load_named(cfg: DictConfig) -> Source:
     root = Path(cfg.root).expanduser().resolve()
     if root.exists() and not root.is_dir():
         raise ConfigError("data.root", cfg.root, f"expected a folder that holds (or is to hold) {spec.folder}/")
+    if spec.name == "cifar10":
+        spec = _cifar_version(root)
     found, missing = _find(spec, root)
     if missing:
         _fetch(spec, root, missing, cfg.download)
@@ -395,10 +490,11 @@ def load_named(cfg: DictConfig) -> Source:
     cache = Path(cfg.cache_dir).expanduser() / f"{spec.name}-{key}"
     manifest = {"name": spec.name, "root": str(root), "files": listing, "key": key}
     if _manifest(cache) != manifest:
-        if spec.archive:
-            parts = [_cifar_part(spec, root, official, path) for official, paths in found.items() for path in paths]
-        else:
+        if spec.kind == "idx":
             parts = [_idx_part(spec, root, official, *paths) for official, paths in found.items()]
+        else:
+            part = _cifar_python_part if spec.kind == "cifar-python" else _cifar_part
+            parts = [part(spec, root, official, path) for official, paths in found.items() for path in paths]
         try:
             _convert(spec, parts, cache, manifest)
         except OSError as error:
