@@ -327,7 +327,9 @@ def test_the_cache_is_reused_when_unchanged_and_rebuilt_when_a_file_changes(root
         ("mnist", lambda root: write_idx_set(root, "MNIST/raw", gz=True)),
         ("fashion_mnist", lambda root: write_idx_set(root, "FashionMNIST/raw")),
         ("cifar10", lambda root: write_cifar_set(root, per_batch=100, seed=3)),
+        ("cifar10", lambda root: write_cifar_python_set(root, per_batch=100, seed=3)),
     ],
+    ids=["mnist", "fashion_mnist", "cifar10-binary", "cifar10-python"],
 )
 def test_a_run_trains_on_a_named_set_by_name(train, tmp_path, name, write):
     root = tmp_path / "data"
