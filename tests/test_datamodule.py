@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from descent.data.batches import TensorBatches, batch_bounds
-from descent.data.datamodule import feature_stats
+from descent.data.datamodule import ImageDataModule, feature_stats
+from descent.data.sources import Source
+from descent.data.splits import Split
 from descent.data.streaming import StreamingBatches
 
 
@@ -28,6 +30,22 @@ def test_every_sample_is_served_once_per_epoch_in_a_new_order_each_epoch():
     assert not torch.equal(first, second)
     batches.set_epoch(0)
     assert torch.equal(torch.cat([y for _, y in batches]), first)  # the order is a function of (seed, epoch)
+
+
+@pytest.mark.parametrize("overfit_batches, same", [(1, True), (0, False)])
+def test_overfit_batches_trains_on_the_same_first_batch_every_epoch(overfit_batches, same):
+    import pytorch_lightning as pl
+
+    source = Source("counting", np.arange(200, dtype=np.float32).reshape(200, 1, 1), np.arange(200) % 10)
+    datamodule = ImageDataModule(source, Split(np.arange(100), np.arange(100, 150), np.arange(150, 200)), 8, 64, 0)
+    datamodule.trainer = pl.Trainer(overfit_batches=overfit_batches, logger=False, enable_checkpointing=False)
+    datamodule.setup("fit")
+    loader = datamodule.train_dataloader()
+    firsts = []
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        firsts.append(next(iter(loader))[1])
+    assert all(torch.equal(first, firsts[0]) for first in firsts) == same
 
 
 def test_images_and_labels_stay_paired():

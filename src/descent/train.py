@@ -86,7 +86,10 @@ def fit_and_test(
     rows, best = list(history.rows), history.best()
     best_path = next((c.best_model_path for c in trainer.checkpoint_callbacks if c.monitor), "")
     if not best_path:
-        log.warning("no best.ckpt (callbacks.model_checkpoint=null): testing the last epoch's weights")
+        log.warning(
+            "no best.ckpt (callbacks.model_checkpoint=null, or trainer.fast_dev_run, which saves none): testing the "
+            "last epoch's weights"
+        )
     tested = trainer.test(model, datamodule=datamodule, ckpt_path=best_path or None, verbose=False)[0]
 
     if not best_path or best is None:

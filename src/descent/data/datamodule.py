@@ -118,7 +118,10 @@ class ImageDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> TensorBatches | StreamingBatches:
-        return self._batches("train", self.batch_size, shuffle=True)
+        # trainer.overfit_batches trains on the same first batches every epoch; Lightning can only unshuffle a
+        # DataLoader's own sampler, so ours stops shuffling here
+        overfit = self.trainer is not None and self.trainer.overfit_batches > 0
+        return self._batches("train", self.batch_size, shuffle=not overfit)
 
     def val_dataloader(self) -> TensorBatches | StreamingBatches:
         return self._batches("val", self.eval_batch_size, shuffle=False)
