@@ -130,6 +130,12 @@ TRAIN_GROUPS = (
     *("cv", "target", "compare", "data", "model", "optimizer", "scheduler", "trainer", "callbacks", "logger", "paths"),
 )
 EVAL_GROUPS = ("trainer", "logger", "paths")
+PREDICT_GROUPS = ("trainer", "paths")
+CHECKPOINT = "expected the path of a checkpoint file (.ckpt)"
+PREDICT: Schema = {
+    "images": Rule(is_str, "expected a .npy of images (N,H,W) or (N,C,H,W), or a folder of image files"),
+    "batch_size": Rule(positive_int, "expected a positive int (images a batch)"),
+}
 CV: Schema = {
     "folds": Rule(lambda v: is_int(v) and (v == 0 or v >= 2), "expected 0 (off) or an int >= 2"),
     "fold": Rule(lambda v: v is None or (is_int(v) and v >= 0), "expected null (every fold) or a fold number"),
@@ -397,12 +403,29 @@ def validate(cfg: DictConfig) -> None:
 def validate_eval(cfg: DictConfig) -> None:
     """Raise `ConfigError` on the first value an evaluation must not start with."""
     unknown(cfg, "", {"task_name", "ckpt_path", "threads", *EVAL_GROUPS})
+    check_given(cfg, {"ckpt_path": Rule(is_str, CHECKPOINT)})
     check(cfg, "", {key: TOP[key] for key in ("task_name", "threads")}, closed=False)
-    if not is_str(cfg.ckpt_path):
-        raise ConfigError("ckpt_path", cfg.ckpt_path, "expected the path of a checkpoint file (.ckpt)")
     check_trainer(cfg.trainer)
     check_loggers(cfg.logger)
     check_paths(cfg.paths)
+
+
+def validate_predict(cfg: DictConfig) -> None:
+    """Raise `ConfigError` on the first value a prediction must not start with."""
+    unknown(cfg, "", {"task_name", "ckpt_path", "threads", *PREDICT, *PREDICT_GROUPS})
+    check_given(cfg, {"ckpt_path": Rule(is_str, CHECKPOINT), "images": PREDICT["images"]})
+    check(cfg, "", {**{key: TOP[key] for key in ("task_name", "threads")}, **PREDICT}, closed=False)
+    check_trainer(cfg.trainer)
+    check_paths(cfg.paths)
+
+
+def check_given(cfg: DictConfig, schema: Schema) -> None:
+    """Keys the command line must give (`???` in the config): absent, they are refused as missing, not a traceback."""
+    for key, rule in schema.items():
+        if key not in cfg or OmegaConf.is_missing(cfg, key):
+            raise ConfigError(key, MISSING, f"{rule.allowed}: add {key}=...")
+        if not rule.ok(cfg[key]):
+            raise ConfigError(key, shown(cfg, key), rule.allowed)
 
 
 def check_paths(node: DictConfig) -> None:

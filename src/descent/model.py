@@ -122,7 +122,8 @@ def _stage_metrics(num_classes: int) -> MetricCollection:
 
 class Classifier(pl.LightningModule):
     """Standardize the pixels (training-split statistics, kept as buffers), then classify them with the network of
-    `model` (a `_target_` config)."""
+    `model` (a `_target_` config). `class_names` (what each class means, when the data knows) travels in checkpoints
+    for predict.py."""
 
     def __init__(
         self,
@@ -131,6 +132,7 @@ class Classifier(pl.LightningModule):
         model: dict[str, Any],
         optimizer: dict[str, Any],
         scheduler: dict[str, Any] | None = None,
+        class_names: list[str] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -223,6 +225,11 @@ class Classifier(pl.LightningModule):
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._step(batch, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        """Class probabilities of a batch of images (or of an (images, labels) pair: the labels are not read)."""
+        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self(images).softmax(dim=1)
 
     def _compute(self, stage: str) -> dict[str, torch.Tensor]:
         self._flush(stage)

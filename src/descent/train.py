@@ -39,6 +39,7 @@ def build_model(cfg: DictConfig, source: Any, split: Any) -> Any:
         model=OmegaConf.to_container(cfg.model, resolve=True),
         optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
         scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True) if cfg.scheduler else None,
+        class_names=source.class_names,
     )
     model.set_standardization(*map(torch.from_numpy, feature_stats(source.images, split.train)))
     return model

@@ -13,6 +13,7 @@ nothing in it is ever called.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import http.client
@@ -73,7 +74,8 @@ class Named:
     `files` names the train and test files in `folder` (IDX pairs: images, labels). Without `archive`, each file is
     downloaded as `<name>.gz`; with it, the archive is downloaded into the root and `folder` extracted from it.
     `checksums` holds the published md5 of each downloaded name; a mirror is a URL prefix for those names. `kind`
-    says how the files are read: `idx`, `cifar-binary` (records) or `cifar-python` (pickled batches).
+    says how the files are read: `idx`, `cifar-binary` (records) or `cifar-python` (pickled batches); `classes`
+    names the labels (None where they are the digits themselves).
     """
 
     name: str
@@ -84,8 +86,23 @@ class Named:
     image_shape: tuple[int, ...]
     archive: str | None = None
     kind: str = "idx"
+    classes: tuple[str, ...] | None = None  # the names of labels 0..9, as the set's authors publish them
 
 
+FASHION_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+KMNIST_CLASSES = ("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo")
+CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 # mirrors and md5s as torchvision's datasets/mnist.py publishes them (MNIST: its S3 mirror first); CIFAR-10's binary
 # archive and md5 as its authors' page publishes them (https://www.cs.toronto.edu/~kriz/cifar.html)
 NAMED = {
@@ -114,6 +131,7 @@ NAMED = {
             "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
         },
         (28, 28),
+        classes=FASHION_CLASSES,
     ),
     "kmnist": Named(
         "kmnist",
@@ -127,6 +145,7 @@ NAMED = {
             "t10k-labels-idx1-ubyte.gz": "7320c461ea6c1c855c0b718fb2a4b134",
         },
         (28, 28),
+        classes=KMNIST_CLASSES,
     ),
     "cifar10": Named(
         "cifar10",
@@ -137,6 +156,7 @@ NAMED = {
         (3, 32, 32),
         archive="cifar-10-binary.tar.gz",
         kind="cifar-binary",
+        classes=CIFAR_CLASSES,
     ),
 }
 # torchvision's CIFAR-10: the python version, its archive and md5 as torchvision's datasets/cifar.py publishes them
@@ -149,6 +169,7 @@ CIFAR_PYTHON = Named(
     (3, 32, 32),
     archive="cifar-10-python.tar.gz",
     kind="cifar-python",
+    classes=CIFAR_CLASSES,
 )
 
 
@@ -502,4 +523,5 @@ def load_named(cfg: DictConfig) -> Source:
                 "data.cache_dir", cfg.cache_dir, f"expected a folder that can be written ({error})"
             ) from None
         log.info("data=%s: %d images of %s converted once into %s", spec.name, sum(p.count for p in parts), root, cache)
-    return open_arrays(spec.name, str(cache / "images.npy"), str(cache / "labels.npy"), str(cache / "metadata.csv"))
+    source = open_arrays(spec.name, str(cache / "images.npy"), str(cache / "labels.npy"), str(cache / "metadata.csv"))
+    return dataclasses.replace(source, class_names=list(spec.classes) if spec.classes else None)

@@ -8,6 +8,7 @@ as `arrays` does. A bad file is refused with a `ConfigError` naming its key and 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -38,6 +39,7 @@ class Source:
     images: np.ndarray
     labels: np.ndarray
     metadata: pd.DataFrame | None = None
+    class_names: list[str] | None = None  # what label i means, when the source knows (folder names); else None
 
     @property
     def num_classes(self) -> int:
@@ -81,7 +83,7 @@ def _existing_file(key: str, path: str | None, kind: str) -> Path:
     return file
 
 
-def _open_npy(key: str, path: str | None) -> np.ndarray:
+def open_npy(key: str, path: str | None) -> np.ndarray:
     """A `.npy` file, memory-mapped (only its header is read here)."""
     file = _existing_file(key, path, ".npy")
     try:
@@ -97,14 +99,14 @@ def open_arrays(
     name: str, images_path: str | None, labels_path: str | None, metadata_path: str | None = None
 ) -> Source:
     """Images (N,H,W) or (N,C,H,W) of any numeric dtype, memory-mapped; N integer labels >= 0; optional metadata."""
-    images = _open_npy("data.images", images_path)
+    images = open_npy("data.images", images_path)
     if images.ndim not in (3, 4) or not (np.issubdtype(images.dtype, np.number) or images.dtype == bool):
         raise ConfigError(
             "data.images",
             images_path,
             f"expected numbers of shape (N,H,W) or (N,C,H,W), got {images.dtype} of shape {images.shape}",
         )
-    raw_labels = _open_npy("data.labels", labels_path)
+    raw_labels = open_npy("data.labels", labels_path)
     if raw_labels.ndim != 1 or not np.issubdtype(raw_labels.dtype, np.integer):
         raise ConfigError(
             "data.labels",
@@ -173,6 +175,16 @@ def _image_files(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     return classes, files
 
 
+def decode_image(path: Path, grey: bool, height: int, width: int) -> np.ndarray:
+    """One image file as data=folder reads it: decoded by Pillow, grey (H, W) or RGB (3, H, W) uint8, resized
+    bilinearly. Pillow's errors (an unreadable file) reach the caller, which names the file."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        pixels = np.asarray(image.convert("L" if grey else "RGB").resize((width, height), Image.BILINEAR))
+    return pixels if grey else pixels.transpose(2, 0, 1)
+
+
 def _unreadable(root: Path, path: Path, error: Exception) -> ConfigError:
     return ConfigError("data.root", str(root), f"cannot read the image {path} ({error}); remove or replace it")
 
@@ -210,11 +222,9 @@ def load_folder(cfg: DictConfig) -> Source:
         images = np.lib.format.open_memmap(partial / "images.npy", mode="w+", dtype=np.uint8, shape=shape)
         for index, (path, _) in enumerate(files):
             try:
-                with Image.open(path) as image:
-                    pixels = np.asarray(image.convert("L" if grey else "RGB").resize((size, size), Image.BILINEAR))
+                images[index] = decode_image(path, grey, size, size)
             except (UnidentifiedImageError, OSError, ValueError) as error:
                 raise _unreadable(root, path, error) from None
-            images[index] = pixels if grey else pixels.transpose(2, 0, 1)
         images.flush()
         del images
         np.save(partial / "labels.npy", np.array([label for _, label in files], dtype=np.int64))
@@ -222,7 +232,8 @@ def load_folder(cfg: DictConfig) -> Source:
         shutil.rmtree(cache, ignore_errors=True)
         partial.rename(cache)
         log.info("data=folder: %d images of %s converted once into %s", len(files), root, cache)
-    return open_arrays("folder", str(cache / "images.npy"), str(cache / "labels.npy"))
+    source = open_arrays("folder", str(cache / "images.npy"), str(cache / "labels.npy"))
+    return dataclasses.replace(source, class_names=classes)
 
 
 def synthetic_patterns(num_classes: int, size: int) -> np.ndarray:

@@ -1,0 +1,4 @@
+from descent.predict import main
+
+if __name__ == "__main__":
+    main()
