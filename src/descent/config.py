@@ -125,6 +125,7 @@ TOP: Schema = {
     "tags": Rule(list_of(is_str), "expected a list of labels, e.g. [baseline,course]"),
     "replicates": Rule(positive_int, "expected a positive int (models of this setting, seeds seed..seed+k-1)"),
     "replicates_vectorized": Rule(is_bool, "expected true (the replicates trained at once) or false (one by one)"),
+    "lr_find": Rule(is_bool, "expected true (search the lr before fit, then train with it) or false"),
 }
 TRAIN_GROUPS = (
     *("cv", "target", "compare", "data", "model", "optimizer", "scheduler", "trainer", "callbacks", "logger", "paths"),
@@ -391,6 +392,8 @@ def validate(cfg: DictConfig) -> None:
         if cfg.model.activation not in ACTIVATIONS:
             raise ConfigError("model.activation", cfg.model.activation, f"expected one of {', '.join(ACTIVATIONS)}")
     check_target(cfg.optimizer, "optimizer", "optimizer", OPTIMIZER)
+    if cfg.get("lr_find"):
+        check_lr_find(cfg)
     check_trainer(cfg.trainer)
     check_callbacks(cfg.callbacks)
     check_loggers(cfg.logger)
@@ -398,6 +401,17 @@ def validate(cfg: DictConfig) -> None:
     if cfg.scheduler is not None:
         check(cfg.scheduler, "scheduler", SCHEDULER)
         check_target(cfg.scheduler.scheduler, "scheduler.scheduler", "scheduler", TORCH_SCHEDULER)
+
+
+def check_lr_find(cfg: DictConfig) -> None:
+    """lr_find=true searches one lr for one model on one split, before a fresh fit."""
+    if cfg.cv.folds:
+        allowed = "expected false with cv.folds (each fold would search its own lr): search on one split, then give "
+        raise ConfigError("lr_find", True, allowed + "optimizer.lr=<its suggestion> to the cross-validation")
+    if cfg.trainer.get("fast_dev_run"):
+        raise ConfigError("lr_find", True, "expected false with trainer.fast_dev_run, under which Lightning skips it")
+    if "lr" not in cfg.optimizer:
+        raise ConfigError("lr_find", True, f"expected an optimizer config with an lr key ({cfg.optimizer._target_})")
 
 
 def validate_eval(cfg: DictConfig) -> None:

@@ -320,3 +320,29 @@ def trajectories(
     axis.legend(fontsize=8, loc="lower left")
     axis.grid(alpha=0.3)
     return save(figure, path)
+
+
+def lr_find(
+    lrs: Sequence[float], losses: Sequence[float], suggested: float, warm_up: int, path: Path, title: str
+) -> Path:
+    """The learning-rate finder's curve: its smoothed training loss against the lr (log axis), the first `warm_up`
+    steps (the smoothing's start, which the suggestion leaves out) in grey, the suggested lr marked with a point and
+    a vertical line."""
+    lrs, losses = np.asarray(lrs), np.asarray(losses)
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    axis.plot(
+        lrs[: warm_up + 1], losses[: warm_up + 1], color="0.7", label=f"first {warm_up} steps (smoothing warm-up)"
+    )
+    axis.plot(lrs[warm_up:], losses[warm_up:], color="C0", label="training loss (smoothed), one step per lr")
+    at = int(np.argmin(np.abs(np.log(lrs) - np.log(suggested))))
+    axis.axvline(suggested, color="C3", linestyle="--", linewidth=1)
+    axis.plot([lrs[at]], [losses[at]], "o", color="C3", markersize=9, label=f"suggested lr = {suggested:.3g}")
+    axis.set_xscale("log")
+    used = losses[warm_up:][np.isfinite(losses[warm_up:])]
+    if len(used):  # the last steps can diverge by orders of magnitude: keep the descent readable
+        low, high = used.min(), min(used.max(), 3 * used[0])
+        axis.set_ylim(low - 0.1 * (high - low), high + 0.1 * (high - low))
+    axis.set(xlabel="learning rate (optimizer.lr)", ylabel="training loss", title=title)
+    axis.legend()
+    axis.grid(alpha=0.3, which="both")
+    return save(figure, path)

@@ -63,9 +63,15 @@ def fit_and_test(
     run_dir.mkdir(parents=True, exist_ok=True)
     if is_rank_zero():
         split.save(run_dir / "split.npz")
+    datamodule = build_datamodule(cfg, source, split, batch_size)
+    found = None
+    if cfg.lr_find:
+        from descent.lr_find import find_lr, resumed
+
+        # sets cfg.optimizer.lr to its suggestion; a resume goes on with the lr its search found
+        found = resumed(cfg, run_dir) if cfg.get("ckpt_path") else find_lr(cfg, source, split, datamodule, run_dir)
     model = build_model(cfg, source, split)
     threads = set_threads(cfg.threads, batch_size, model, list(source.image_shape))
-    datamodule = build_datamodule(cfg, source, split, batch_size)
     history = EpochHistory(run_dir / "metrics.csv")
     stopper = GracefulStop(run_dir / "checkpoints" / "last.ckpt")
     trainer = build_trainer(cfg, run_dir, history, stopper, group, job_type, in_sweep=in_sweep())
@@ -124,6 +130,8 @@ def fit_and_test(
         "batch_size": batch_size,
         "train_samples_per_s": round(epochs * len(split.train) / seconds, 1) if seconds > 0 else None,
     }
+    if found is not None:
+        results["lr_find"] = found
     confusion_png = None
     if model.confusion is not None:
         from descent.plots import confusion_matrix
