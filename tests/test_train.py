@@ -72,9 +72,13 @@ def test_batch_size_one_without_batch_norm_makes_one_step_per_sample(train):
     assert results["steps"] == results["n_train"] == 1077
 
 
-def test_eval_reproduces_the_test_metrics_exactly(train, tmp_path):
-    process, run_dir = train()
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_eval_reproduces_the_test_metrics_exactly(train, tmp_path, model):
+    process, run_dir = train(f"model={model}")
     assert process.returncode == 0, process.stderr
+    assert (run_dir / "checkpoints" / "best.ckpt").is_file() and (run_dir / "checkpoints" / "last.ckpt").is_file()
+    checkpoint = torch.load(run_dir / "checkpoints" / "best.ckpt", weights_only=True)
+    assert checkpoint["hyper_parameters"]["model"]["_target_"] == f"descent.model.{model.upper()}"
     evaluated = run_script("eval.py", f"ckpt_path={run_dir}/checkpoints/best.ckpt", f"hydra.run.dir={tmp_path}/eval")
     assert evaluated.returncode == 0, evaluated.stderr
     eval_results = results_of(tmp_path / "eval")
