@@ -84,7 +84,7 @@ def test_the_suggestion_is_the_steepest_fall_against_log_lr_not_lr():
         (["cv.folds=3"], "lr_find=True is not allowed: expected false with cv.folds"),
         (["+trainer.fast_dev_run=true"], "expected false with trainer.fast_dev_run"),
         (["debug=fdr"], "expected false with trainer.fast_dev_run"),
-        (["~optimizer.lr"], "expected an optimizer config with an lr key"),
+        (["replicates=3"], "expected false with replicates"),
     ],
 )
 def test_lr_find_is_refused_where_it_cannot_search(overrides, message):

@@ -408,10 +408,11 @@ def check_lr_find(cfg: DictConfig) -> None:
     if cfg.cv.folds:
         allowed = "expected false with cv.folds (each fold would search its own lr): search on one split, then give "
         raise ConfigError("lr_find", True, allowed + "optimizer.lr=<its suggestion> to the cross-validation")
+    if cfg.get("replicates", 1) > 1:
+        allowed = "expected false with replicates (they must share one lr): search once, then give optimizer.lr"
+        raise ConfigError("lr_find", True, allowed)
     if cfg.trainer.get("fast_dev_run"):
         raise ConfigError("lr_find", True, "expected false with trainer.fast_dev_run, under which Lightning skips it")
-    if "lr" not in cfg.optimizer:
-        raise ConfigError("lr_find", True, f"expected an optimizer config with an lr key ({cfg.optimizer._target_})")
 
 
 def validate_eval(cfg: DictConfig) -> None:
