@@ -45,7 +45,11 @@ def rows_of(run_dir: Path) -> list[dict[str, str]]:
 
 
 def without_durations(results: dict) -> dict:
-    return {key: value for key, value in results.items() if key not in DURATIONS}
+    """results.json but its times: the run's durations, and the seconds (not the epoch and step) to the target."""
+    kept = {key: value for key, value in results.items() if key not in DURATIONS}
+    if "to_target" in kept:
+        kept["to_target"] = {key: value for key, value in kept["to_target"].items() if key != "seconds"}
+    return kept
 
 
 def without_time(rows: list[dict[str, str]]) -> list[dict[str, str]]:
