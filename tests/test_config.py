@@ -1,6 +1,8 @@
 """Bad values are refused before training, by name, with what is allowed."""
 
 import math
+import re
+from pathlib import Path
 
 import pytest
 from conftest import compose_train
@@ -111,7 +113,21 @@ MORE_BAD = [
     ("trainer.log_every_n_steps=0", "trainer.log_every_n_steps"),
     ("+trainer.gradient_clip_val=-1", "trainer.gradient_clip_val"),
     ("+trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches"),
-    ("+trainer.check_val_every_n_epoch=2", "trainer.check_val_every_n_epoch"),
+    ("+trainer.check_val_every_n_epoch=0", "trainer.check_val_every_n_epoch"),
+    ("+trainer.val_check_interval=1.5", "trainer.val_check_interval"),
+    ("+trainer.val_check_interval=0", "trainer.val_check_interval"),
+    ("+trainer.limit_train_batches=0", "trainer.limit_train_batches"),
+    ("+trainer.limit_val_batches=-1", "trainer.limit_val_batches"),
+    ("+trainer.limit_test_batches=1.5", "trainer.limit_test_batches"),
+    ("+trainer.limit_val_batches=0", "trainer.limit_val_batches"),  # while callbacks monitor val metrics
+    ("+trainer.overfit_batches=-0.5", "trainer.overfit_batches"),
+    ("+trainer.fast_dev_run=-1", "trainer.fast_dev_run"),
+    ("+trainer.max_steps=0", "trainer.max_steps"),
+    ("trainer.max_epochs=-1", "trainer.max_epochs"),  # no limit without max_steps or max_time
+    ("+trainer.max_time=5", "trainer.max_time"),
+    ("+trainer.gradient_clip_algorithm=l2", "trainer.gradient_clip_algorithm"),
+    ("+trainer.barebones=true", "trainer.barebones"),
+    ("+trainer.detect_anomaly=maybe", "trainer.detect_anomaly"),
     ("+trainer.deterministic=yes", "trainer.deterministic"),
     ("callbacks.early_stopping.patience=-2", "callbacks.early_stopping.patience"),
     ("+callbacks.early_stopping.min_delta=-0.1", "callbacks.early_stopping.min_delta"),
@@ -126,6 +142,34 @@ def test_a_bad_type_or_range_is_refused_naming_its_key(overrides, key):
         validate(cfg)
     assert error.value.key == key
     assert str(error.value).startswith(f"{key}=") and "expected" in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "instead"),
+    [
+        ("+trainer.enable_checkpointing=false", "callbacks.model_checkpoint=null callbacks.last_checkpoint=null"),
+        ("+trainer.enable_progress_bar=false", "callbacks.progress_bar=null"),
+        ("+trainer.logger=false", "logger=csv, tensorboard, wandb, a list, or none"),
+        ("+trainer.default_root_dir=x", "hydra.run.dir"),
+    ],
+)
+def test_a_trainer_argument_descent_passes_is_refused_saying_what_to_set_instead(override, instead):
+    with pytest.raises(ConfigError, match="set by descent itself") as error:
+        validate(compose_train(override))
+    assert instead in str(error.value)
+
+
+def test_every_hydra_entry_and_compose_names_version_base_1_3():
+    root = Path(__file__).resolve().parents[1]
+    sources = [*(root / "src").rglob("*.py"), *(root / "scripts").rglob("*.py"), *(root / "tests").rglob("*.py")]
+    calls = [
+        line
+        for path in sources
+        for line in path.read_text().splitlines()
+        if re.search(r"@hydra\.main\(|initialize(_config_dir|_config_module)?\(", line) and "re.search" not in line
+    ]
+    assert calls and all('version_base="1.3"' in line for line in calls), calls
+    assert '"hydra-core>=1.3.6,<1.4"' in (root / "pyproject.toml").read_text()  # the instantiate advisory's fix
 
 
 @pytest.mark.parametrize("name", ["cosine", "step", "plateau"])

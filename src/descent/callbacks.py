@@ -11,11 +11,13 @@ import csv
 import math
 import signal
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.trainer.states import TrainerFn
 
@@ -27,7 +29,9 @@ STATE_KEY = "descent"  # where RunState's entry sits under checkpoint["callbacks
 
 
 class EpochHistory(pl.Callback):
-    """Records each epoch's metrics and writes `metrics.csv` as it goes, whatever the logger.
+    """Records the metrics of each validation, and of each epoch that ends without one, and writes `metrics.csv` as
+    it goes, whatever the logger. A row's train metrics are those of the batches since the previous row (the epoch,
+    when validating once an epoch); a row without validation has no val metrics. Also counts the training samples.
 
     Written by hand because Lightning's CSVLogger writes one row per log call (so train, val and lr land on separate
     rows), and deletes an existing metrics.csv when a run resumes into its folder. The rows travel in checkpoints.
@@ -39,6 +43,7 @@ class EpochHistory(pl.Callback):
         self.elapsed_before = 0.0  # training seconds of the run before a resume
         self.started = 0.0
         self.lr = math.nan
+        self.samples = 0  # training samples served so far, those before a resume included
         self.written = 0  # rows already in metrics.csv: later epochs append theirs
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -47,6 +52,11 @@ class EpochHistory(pl.Callback):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.lr = trainer.optimizers[0].param_groups[0]["lr"]  # the lr this epoch trains with (schedulers step later)
 
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self.samples += len(batch[1])
+
     def elapsed(self) -> float:
         """Seconds of training so far, the part before a resume included."""
         return self.elapsed_before + (time.perf_counter() - self.started if self.started else 0.0)
@@ -54,7 +64,18 @@ class EpochHistory(pl.Callback):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
             return
-        logged = trainer.callback_metrics
+        self.add(trainer, trainer.callback_metrics)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """An epoch that ends without validation (trainer.check_val_every_n_epoch, val_check_interval, max_steps)
+        gets a row of its train metrics, asked of the module (Lightning calls this hook before the module's own)."""
+        if self.rows and self.rows[-1]["step"] == trainer.global_step:
+            return  # the epoch ended with a validation, whose row has its train metrics
+        values = getattr(pl_module, "train_metrics_since_validation", dict)()
+        if values:
+            self.add(trainer, values)
+
+    def add(self, trainer: pl.Trainer, logged: Mapping[str, Any]) -> None:
         row = {
             "epoch": trainer.current_epoch,
             "step": trainer.global_step,
@@ -87,6 +108,7 @@ class EpochHistory(pl.Callback):
             "present": torch.tensor(present, dtype=torch.bool).reshape(len(values), len(COLUMNS)),
             "elapsed": self.elapsed(),
             "lr": self.lr,
+            "samples": self.samples,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -94,6 +116,7 @@ class EpochHistory(pl.Callback):
         self.written = 0
         self.elapsed_before = float(state_dict["elapsed"])
         self.lr = state_dict.get("lr", self.lr)  # a mid-epoch resume skips on_train_epoch_start
+        self.samples = int(state_dict.get("samples", 0))
 
     def to_target(self, val_acc: float) -> dict[str, Any]:
         """The run's convergence speed: the epoch, optimizer step and training seconds of the first validation whose
@@ -106,10 +129,14 @@ class EpochHistory(pl.Callback):
             "seconds": reached.get("time_s"),
         }
 
-    def best(self) -> dict[str, float] | None:
-        """The row with the highest val/acc, the first one on ties, as ModelCheckpoint(mode=max) keeps it."""
-        scored = [row for row in self.rows if math.isfinite(row.get("val/acc", math.nan))]
-        return max(scored, key=lambda row: row["val/acc"]) if scored else None
+    def best(self, monitor: str = "val/acc", mode: str = "max") -> dict[str, float] | None:
+        """The row with the best `monitor` (the highest with mode max), the first one on ties, as ModelCheckpoint
+        keeps it; None when no row has it."""
+        scored = [row for row in self.rows if math.isfinite(row.get(monitor, math.nan))]
+        if not scored:
+            return None
+        pick = max if mode == "max" else min
+        return pick(scored, key=lambda row: row[monitor])
 
 
 def _unpacked(state: dict[str, Any]) -> list[dict[str, float]]:
@@ -122,41 +149,61 @@ def _unpacked(state: dict[str, Any]) -> list[dict[str, float]]:
 
 
 class StepLosses(pl.Callback):
-    """Writes the training loss of every optimizer step to `steps.csv` (`epoch`, `step`, `loss`), once per epoch.
+    """Writes the training loss of every optimizer step to `steps.csv` (`epoch`, `step`, `loss`): with
+    `trainer.accumulate_grad_batches`, the sum of its batches' losses, each divided by their number by Lightning
+    (the loss whose gradient the step takes).
 
-    The losses stay on the device during the epoch and are read back in one transfer at its end: no per-step
-    synchronisation and no per-step `self.log`.
+    The losses stay on the device and are read back in one transfer at each epoch's end and before each full
+    checkpoint (so that steps.csv holds every step up to a checkpoint a run may resume from): no per-step
+    synchronisation and no per-step `self.log`. A resume keeps the rows up to its checkpoint's step
+    (`descent.resume.carry_over`) and appends the rest.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.losses: list[torch.Tensor] = []
-        self.steps: list[int] = []
+        self.steps: list[tuple[int, int]] = []  # (epoch, step) of each loss
+        self.window: list[torch.Tensor] = []  # the losses of the batches since the last optimizer step
+        self.stepped = False
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero and (trainer.ckpt_path is None or not self.path.is_file()):  # a resume appends
             self.path.write_text("epoch,step,loss\n")
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        self.stepped = True
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         loss = outputs.get("loss") if isinstance(outputs, dict) else None
         if loss is not None:
-            self.losses.append(loss)
-            self.steps.append(trainer.global_step)
+            self.window.append(loss)
+        if self.stepped and self.window:
+            self.losses.append(self.window[0] if len(self.window) == 1 else torch.stack(self.window).sum())
+            self.steps.append((trainer.current_epoch, trainer.global_step))
+            self.window = []
+        self.stepped = False
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.write(trainer)
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         self.write(trainer)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self.write(trainer)  # an interrupted epoch keeps its steps so far; a resume appends the rest
 
     def write(self, trainer: pl.Trainer) -> None:
-        if trainer.is_global_zero:  # DDP: steps.csv holds the losses of rank 0's batches
-            losses = torch.stack(self.losses).tolist() if self.losses else []
+        if trainer.is_global_zero and self.losses:  # DDP: steps.csv holds the losses of rank 0's batches
+            losses = torch.stack(self.losses).tolist()
             with open(self.path, "a") as file:
                 file.writelines(
-                    f"{trainer.current_epoch},{step},{loss!r}\n" for step, loss in zip(self.steps, losses, strict=True)
+                    f"{epoch},{step},{loss!r}\n" for (epoch, step), loss in zip(self.steps, losses, strict=True)
                 )
         self.losses, self.steps = [], []
 
@@ -164,7 +211,8 @@ class StepLosses(pl.Callback):
 class RunState(pl.Callback):
     """Puts in every checkpoint what Lightning leaves out and an exact resume needs: the RNG states at the moment
     of saving, the run's config as composed (unresolved, so `${oc.env:...}` stays a reference, never a value) and its
-    command-line overrides. Restoring puts the RNG states back before the first resumed batch."""
+    command-line overrides. Restoring puts the RNG states back before the first resumed batch, and points the
+    checkpoint and early-stopping states at this run (its folder, its patience)."""
 
     def __init__(self, config: dict[str, Any], overrides: list[str]) -> None:
         self.config, self.overrides = config, overrides  # a resume takes back those of the run it continues
@@ -179,6 +227,40 @@ class RunState(pl.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         set_rng_states(state_dict["rng"])
         self.config, self.overrides = state_dict["config"], list(state_dict["overrides"])
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Before the callbacks load their states (Lightning calls every on_load_checkpoint first): the checkpoint
+        callbacks' states are pointed at this run's checkpoints folder (a resume into a new folder: Lightning's
+        ModelCheckpoint reloads its best score only when its folder is unchanged, and would overwrite the copied
+        best.ckpt with a worse one), and early stopping gets this run's patience (Lightning restores the saved one)."""
+        states = checkpoint.get("callbacks") or {}
+        for callback in trainer.checkpoint_callbacks:
+            state = states.get(callback.state_key)
+            if isinstance(callback, ModelCheckpoint) and state and state.get("dirpath") != callback.dirpath:
+                states[callback.state_key] = relocated(state, callback.dirpath)
+        for callback in trainer.early_stopping_callbacks:
+            if state := states.get(callback.state_key):
+                state["patience"] = callback.patience
+
+
+def relocated(state: dict[str, Any], dirpath: str | None) -> dict[str, Any]:
+    """A ModelCheckpoint state whose paths under its `dirpath` now lie under `dirpath` (same file names)."""
+    old = state.get("dirpath")
+
+    def moved(path: Any) -> Any:
+        if not old or not dirpath or not isinstance(path, str) or not path.startswith(old):
+            return path
+        return str(Path(dirpath) / Path(path).relative_to(old))
+
+    state = dict(state, dirpath=dirpath)
+    for key in ("best_model_path", "kth_best_model_path", "last_model_path"):
+        if key in state:
+            state[key] = moved(state[key])
+    if "best_k_models" in state:
+        state["best_k_models"] = {moved(path): score for path, score in state["best_k_models"].items()}
+    return state
 
 
 class GracefulStop(pl.Callback):

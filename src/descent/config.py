@@ -27,14 +27,22 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 MAX_SEED = 2**32 - 1  # numpy's seeds are uint32; Lightning refuses larger ones with a traceback
 HYDRA_KEYS = frozenset({"_target_", "_partial_", "_args_", "_convert_", "_recursive_"})
 MISSING = object()  # a key that is absent
+UNSHOWN = object()  # a value an error message does not show (a whole group, or one held by a library)
 
 
 class ConfigError(ValueError):
-    """A config value that is not allowed: `key=value is not allowed: what is allowed` (or `key is missing: ...`)."""
+    """A config value that is not allowed: `key=value is not allowed: what is allowed` (or `key is missing: ...`, or
+    `key: why`)."""
 
     def __init__(self, key: str, value: Any, allowed: str) -> None:
         self.key, self.value, self.allowed = key, value, allowed
-        shown = f"{key} is missing" if value is MISSING else f"{key}={_show(value)} is not allowed"
+        shown = (
+            f"{key} is missing"
+            if value is MISSING
+            else key
+            if value is UNSHOWN
+            else f"{key}={_show(value)} is not allowed"
+        )
         super().__init__(f"{shown}: {allowed}")
 
 
@@ -208,22 +216,70 @@ TORCH_SCHEDULER: Schema = {
     "patience": Rule(lambda v: is_int(v) and v >= 0, "expected an int >= 0"),
     "mode": Rule(one_of("min", "max"), "expected 'min' or 'max'"),
 }
+
+
+def batch_limit(value: Any) -> bool:
+    """A Lightning batch count or fraction: an int >= 0 (batches) or a float in [0, 1] (a fraction of them)."""
+    return non_negative_int(value) or (isinstance(value, float) and 0 <= value <= 1)
+
+
+def a_duration(value: Any) -> bool:
+    """What Lightning takes as a time: "DD:HH:MM:SS" or a dict of timedelta's keys (days, hours, minutes...)."""
+    return is_str(value) or (isinstance(value, DictConfig) and all(is_number(v) for v in value.values()))
+
+
+LIMIT = "expected a batch count (an int >= 0) or a fraction in [0, 1]"
 TRAINER: Schema = {
-    "max_epochs": Rule(positive_int, "expected a positive int"),
+    "max_epochs": Rule(
+        lambda v: positive_int(v) or (is_int(v) and v == -1),
+        "expected a positive int (or -1 with trainer.max_steps or max_time)",
+    ),
     "min_epochs": Rule(lambda v: v is None or (is_int(v) and v >= 0), "expected null or an int >= 0"),
+    "max_steps": Rule(
+        lambda v: positive_int(v) or (is_int(v) and v == -1), "expected a positive int, or -1 (no limit)"
+    ),
+    "min_steps": Rule(null_or(non_negative_int), "expected null or an int >= 0"),
+    "max_time": Rule(null_or(a_duration), 'expected null, "DD:HH:MM:SS" or a dict such as {minutes: 30}'),
     "devices": Rule(
         lambda v: (
             v == "auto" or positive_int(v) or (is_list(v) and len(v) > 0 and all(is_int(d) and d >= 0 for d in v))
         ),
         "expected 'auto', a positive int, or a list of device indices",
     ),
+    "num_nodes": Rule(positive_int, "expected a positive int"),
     "num_sanity_val_steps": Rule(lambda v: is_int(v) and v >= -1, "expected an int >= -1"),
     "log_every_n_steps": Rule(positive_int, "expected a positive int"),
     "gradient_clip_val": Rule(null_or(non_negative), "expected null or a value >= 0"),
+    "gradient_clip_algorithm": Rule(null_or(one_of("norm", "value")), "expected null, 'norm' or 'value'"),
     "accumulate_grad_batches": Rule(positive_int, "expected a positive int"),
     "deterministic": Rule(lambda v: v is None or is_bool(v) or v == "warn", "expected true, false, 'warn' or null"),
-    "check_val_every_n_epoch": Rule(lambda v: v == 1, "expected 1: the best epoch is chosen on val"),
-    "val_check_interval": Rule(lambda v: v in (None, 1, 1.0), "expected 1.0 (validate every epoch)"),
+    "check_val_every_n_epoch": Rule(
+        null_or(positive_int),
+        "expected a positive int, or null (with an int trainer.val_check_interval: every N steps)",
+    ),
+    "val_check_interval": Rule(
+        lambda v: v is None or positive_int(v) or (isinstance(v, float) and 0 < v <= 1) or a_duration(v),
+        'expected a fraction of an epoch in (0, 1], a number of training batches, or a time ("DD:HH:MM:SS")',
+    ),
+    "limit_train_batches": Rule(
+        lambda v: v is None or (batch_limit(v) and v != 0), "expected batches (an int > 0) or a fraction in (0, 1]"
+    ),
+    "limit_val_batches": Rule(null_or(batch_limit), LIMIT),
+    "limit_test_batches": Rule(null_or(batch_limit), LIMIT),
+    "limit_predict_batches": Rule(null_or(batch_limit), LIMIT),
+    "overfit_batches": Rule(batch_limit, LIMIT + " (0: off)"),
+    "fast_dev_run": Rule(lambda v: is_bool(v) or non_negative_int(v), "expected true, false or a number of batches"),
+    "barebones": Rule(
+        lambda v: v is False,
+        "expected false: barebones turns off self.log and the callbacks that write metrics.csv, results.json and "
+        "the checkpoints (for a quick check use trainer.fast_dev_run=true)",
+    ),
+    "reload_dataloaders_every_n_epochs": Rule(non_negative_int, "expected an int >= 0"),
+    **{
+        flag: Rule(is_bool, "expected true or false")
+        for flag in ("inference_mode", "use_distributed_sampler", "detect_anomaly", "enable_autolog_hparams")
+    },
+    **{flag: Rule(null_or(is_bool), "expected true, false or null") for flag in ("benchmark", "enable_model_summary")},
 }
 CALLBACK: Schema = {
     "patience": Rule(lambda v: is_int(v) and v >= 0, "expected an int >= 0"),
@@ -241,6 +297,14 @@ SUPPLIED = {
     "trainer": ("callbacks", "logger", "plugins", "default_root_dir", "enable_checkpointing", "enable_progress_bar"),
     "callbacks": ("dirpath",),
     "logger": ("save_dir",),
+}
+
+INSTEAD = {  # what to set instead of an argument descent passes
+    "trainer.callbacks": " (add a callback under callbacks.NAME with its _target_)",
+    "trainer.logger": " (use logger=csv, tensorboard, wandb, a list, or none)",
+    "trainer.default_root_dir": " (the run folder is hydra.run.dir)",
+    "trainer.enable_checkpointing": " (use callbacks.model_checkpoint=null callbacks.last_checkpoint=null)",
+    "trainer.enable_progress_bar": " (use callbacks.progress_bar=null)",
 }
 
 
@@ -333,7 +397,10 @@ def check_target(node: DictConfig, prefix: str, group: str, ranges: Schema) -> N
     takes_any = any(p.kind == p.VAR_KEYWORD for p in parameters.values())
     for key in supplied:
         if key in node:
-            raise ConfigError(_join(prefix, key), shown(node, key), f"set by descent itself; remove {prefix}.{key}")
+            instead = INSTEAD.get(f"{group}.{key}", "")
+            raise ConfigError(
+                _join(prefix, key), shown(node, key), f"set by descent itself; remove {prefix}.{key}{instead}"
+            )
     accepted = {name for name, p in parameters.items() if p.kind != p.VAR_KEYWORD} - set(supplied)
     if not takes_any:
         unknown(node, prefix, accepted | HYDRA_KEYS, what=str(node["_target_"]))
@@ -396,6 +463,7 @@ def validate(cfg: DictConfig) -> None:
         check_lr_find(cfg)
     check_trainer(cfg.trainer)
     check_callbacks(cfg.callbacks)
+    check_validation_is_on(cfg.trainer, cfg.callbacks)
     check_loggers(cfg.logger)
     # after trainer: cosine's T_max follows trainer.max_epochs, whose own message names the key the user set
     if cfg.scheduler is not None:
@@ -454,6 +522,23 @@ def check_paths(node: DictConfig) -> None:
 
 def check_trainer(node: DictConfig) -> None:
     check_target(node, "trainer", "trainer", TRAINER)
+    if node.get("max_epochs") == -1 and node.get("max_steps", -1) == -1 and node.get("max_time") is None:
+        allowed = "expected a positive int: -1 (no limit) needs trainer.max_steps or trainer.max_time to end the run"
+        raise ConfigError("trainer.max_epochs", -1, allowed)
+
+
+def check_validation_is_on(trainer: DictConfig, callbacks: DictConfig | None) -> None:
+    """`trainer.limit_val_batches=0` turns validation off: refused while a callback monitors a val metric (the best
+    checkpoint and early stopping are chosen on val)."""
+    if trainer.get("limit_val_batches") != 0 or trainer.get("fast_dev_run"):
+        return
+    for name, callback in (callbacks or {}).items():
+        if callback is not None and str(callback.get("monitor") or "").startswith("val/"):
+            allowed = (
+                f"expected > 0: callbacks.{name} monitors {callback.monitor}; to train without validation also set "
+                f"callbacks.{name}=null (without model_checkpoint the last epoch is tested)"
+            )
+            raise ConfigError("trainer.limit_val_batches", trainer.limit_val_batches, allowed)
 
 
 def check_callbacks(node: DictConfig | None) -> None:

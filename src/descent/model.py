@@ -239,11 +239,25 @@ class Classifier(pl.LightningModule):
         return values
 
     def on_validation_epoch_end(self) -> None:
-        """Log the epoch's train and val metrics together: one row per epoch, before checkpoint callbacks read it."""
+        """Log the val metrics with the train metrics of the batches since the previous validation (the epoch, when
+        validating once an epoch): one row of metrics.csv, before the checkpoint callbacks read it. The sanity check
+        before training (trainer.num_sanity_val_steps) has no train metrics and logs no row."""
         values = self._compute("val")
+        if self.trainer.sanity_checking:
+            return
         if self.trainer.state.fn == TrainerFn.FITTING:
             values |= self._compute("train")
         self.log_dict(values)
+
+    def train_metrics_since_validation(self) -> dict[str, torch.Tensor]:
+        """Log and return the train metrics of the batches trained since the previous validation, then reset them
+        (empty when there are none): what an epoch that ends without validation reports (descent.callbacks.
+        EpochHistory asks at the epoch's end, before the checkpoint callbacks save)."""
+        if not self._pending["train"] and not any(metric.update_count for metric in self.train_metrics.values()):
+            return {}
+        values = self._compute("train")
+        self.log_dict(values)
+        return values
 
     def on_test_epoch_end(self) -> None:
         self.log_dict(self._compute("test"))

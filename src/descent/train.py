@@ -19,11 +19,19 @@ from omegaconf import DictConfig, OmegaConf
 from descent import CONF_DIR
 from descent.callbacks import EpochHistory, GracefulStop
 from descent.compare import estimate
-from descent.config import check_batch_size, exit_on_config_error, typed_unless_secret, validate
+from descent.config import ConfigError, check_batch_size, exit_on_config_error, typed_unless_secret, validate
 from descent.results import Status, recorded, task_overrides
-from descent.resume import Interrupted, exit_on_interrupt, resumed_config, stop_on_signal
+from descent.resume import Interrupted, carry_over, exit_on_interrupt, extended_from, resumed_config, stop_on_signal
 from descent.sweep import in_sweep, sweep_job
-from descent.trainer import build_trainer, freeze_heap, quiet_lightning, set_threads, unset_empty_variables
+from descent.trainer import (
+    build_trainer,
+    freeze_heap,
+    loader_fractions,
+    quiet_lightning,
+    set_threads,
+    setting_errors,
+    unset_empty_variables,
+)
 
 log = logging.getLogger("descent")
 
@@ -46,10 +54,35 @@ def build_model(cfg: DictConfig, source: Any, split: Any) -> Any:
 
 
 def build_datamodule(cfg: DictConfig, source: Any, split: Any, batch_size: int) -> Any:
-    """The DataModule of `data.*` over `split`, training batches of `batch_size` (already checked)."""
+    """The DataModule of `data.*` over `split`, training batches of `batch_size` (already checked), applying the
+    `trainer.limit_*_batches` fractions itself (descent.trainer.loader_fractions)."""
     from descent.data.datamodule import ImageDataModule
 
-    return ImageDataModule(source, split, batch_size, cfg.data.eval_batch_size, cfg.seed, stream=cfg.data.get("stream"))
+    return ImageDataModule(
+        source,
+        split,
+        batch_size,
+        cfg.data.eval_batch_size,
+        cfg.seed,
+        stream=cfg.data.get("stream"),
+        fractions=loader_fractions(cfg.trainer),
+    )
+
+
+def check_limited_batches(cfg: DictConfig, n_train: int, batch_size: int) -> None:
+    """Refuse a `trainer.limit_train_batches` (or `overfit_batches`) fraction that leaves a training batch of one
+    sample with batch norm, which cannot normalize it."""
+    from descent.data.batches import batch_bounds, limited_bounds
+
+    fraction = loader_fractions(cfg.trainer).get("train")
+    bounds = limited_bounds(batch_bounds(n_train, batch_size), fraction)
+    if cfg.model.get("batch_norm", False) and fraction and bounds[0][1] - bounds[0][0] == 1:
+        key = "trainer.overfit_batches" if cfg.trainer.get("overfit_batches") else "trainer.limit_train_batches"
+        allowed = (
+            f"it leaves a training batch of one sample, which batch norm cannot normalize: expected at least "
+            f"{2 / n_train:.3g} (2 samples), or model.batch_norm=false"
+        )
+        raise ConfigError(key, fraction, allowed)
 
 
 def fit_and_test(
@@ -60,9 +93,12 @@ def fit_and_test(
     from descent.results import is_rank_zero
 
     batch_size = check_batch_size(cfg.data.batch_size, len(split.train), cfg.model.get("batch_norm", False))
+    check_limited_batches(cfg, len(split.train), batch_size)
     run_dir.mkdir(parents=True, exist_ok=True)
     if is_rank_zero():
         split.save(run_dir / "split.npz")
+        if cfg.get("ckpt_path"):
+            carry_over(cfg.ckpt_path, run_dir)
     datamodule = build_datamodule(cfg, source, split, batch_size)
     found = None
     if cfg.lr_find:
@@ -85,19 +121,23 @@ def fit_and_test(
         threads,
     )
 
-    stop_on_signal(
-        lambda: trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True), stopper
-    )
+    with setting_errors(cfg):
+        stop_on_signal(
+            lambda: trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True),
+            stopper,
+        )
+    if is_rank_zero() and history.written < len(history.rows):
+        history.write()  # a resume with nothing left to train still gets its metrics.csv
 
     # read before test(), which would reload callback states from a full best.ckpt
-    rows, best = list(history.rows), history.best()
-    best_path = next((c.best_model_path for c in trainer.checkpoint_callbacks if c.monitor), "")
+    checkpoint = next((c for c in trainer.checkpoint_callbacks if c.monitor), None)
+    rows = list(history.rows)
+    best = history.best(checkpoint.monitor, checkpoint.mode) if checkpoint is not None else None
+    best_path = checkpoint.best_model_path if checkpoint is not None else ""
     if not best_path:
-        log.warning(
-            "no best.ckpt (callbacks.model_checkpoint=null, or trainer.fast_dev_run, which saves none): testing the "
-            "last epoch's weights"
-        )
-    tested = trainer.test(model, datamodule=datamodule, ckpt_path=best_path or None, verbose=False)[0]
+        log.warning("no best.ckpt (%s): testing the last weights", no_best_reason(cfg, trainer))
+    with setting_errors(cfg):
+        tested = trainer.test(model, datamodule=datamodule, ckpt_path=best_path or None, verbose=False)[0]
 
     if not best_path or best is None:
         best = rows[-1] if rows else {}
@@ -109,7 +149,7 @@ def fit_and_test(
             "the metrics of its best epoch so far (try a smaller optimizer.lr)",
             model.diverged_at,
         )
-    epochs = len(rows)
+    epochs = rows[-1]["epoch"] + 1 if rows else 0  # every epoch ends with a row (a last partial one included)
     seconds = rows[-1]["time_s"] if rows else 0.0  # the whole training time, the part before a resume included
     results = {
         "status": status,
@@ -119,16 +159,19 @@ def fit_and_test(
             **{key: float(value) for key, value in tested.items()},
         },
         "best_epoch": best.get("epoch"),
+        "best_step": best.get("step"),
         "tested": "best" if best_path else "last",
         "seed": cfg.seed,
         "to_target": history.to_target(cfg.target.val_acc),
         "epochs": epochs,
         "steps": trainer.global_step,
+        "validations": sum("val/loss" in row for row in rows),
         "n_train": len(split.train),
         "n_val": len(split.val),
         "n_test": len(split.test),
         "batch_size": batch_size,
-        "train_samples_per_s": round(epochs * len(split.train) / seconds, 1) if seconds > 0 else None,
+        "train_samples_per_s": round(history.samples / seconds, 1) if seconds > 0 else None,
+        **({"fast_dev_run": int(trainer.fast_dev_run)} if trainer.fast_dev_run else {}),
     }
     if found is not None:
         results["lr_find"] = found
@@ -139,6 +182,15 @@ def fit_and_test(
         confusion_png = confusion_matrix(model.confusion.numpy(), run_dir / "confusion_matrix.png")
     close_loggers(trainer.loggers, results, confusion_png)
     return results
+
+
+def no_best_reason(cfg: DictConfig, trainer: Any) -> str:
+    """Why a run has no best.ckpt, in the words of the setting that made it so."""
+    if trainer.fast_dev_run:
+        return "trainer.fast_dev_run skips checkpoints"
+    if not any(c.monitor for c in trainer.checkpoint_callbacks):
+        return "callbacks.model_checkpoint=null"
+    return "no validation ran"
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
@@ -175,6 +227,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     with recorded(run_dir, results):
         try:
             cfg, results["overrides"] = resumed_config(cfg, results["overrides"], run_dir)
+            results |= extended_from(cfg)
             results["tags"] = typed_unless_secret(cfg.get("tags")) or []
             results |= train(cfg, run_dir)
         except Interrupted as stop:

@@ -10,8 +10,10 @@ import contextlib
 import gc
 import logging
 import os
+import re
+import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,31 +21,28 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.profilers import PassThroughProfiler
 
+from descent import unset_empty_variables as unset_empty_variables  # train and eval call it first
 from descent.callbacks import EpochHistory, FinishWandbOnError, GracefulStop, RunState, StepLosses
-from descent.config import ConfigError
+from descent.config import UNSHOWN, ConfigError
 from descent.results import task_overrides
 
 log = logging.getLogger("descent")
 MULTI_THREAD_WORK = 10_000_000  # multiply-adds per step from which a second thread pays on these small models
 SPAWNING = ("spawn", "fork", "notebook")  # Lightning strategies whose processes are started by multiprocessing
-EMPTY_IS_UNSET = ("WANDB_", "OMP_NUM_THREADS", "MKL_NUM_THREADS")  # variables whose empty value means "not set"
-
-
-def unset_empty_variables() -> None:
-    """Drop environment variables that are set but empty (as shells, CI files and containers pass unset ones): wandb
-    refuses an empty WANDB_MODE with a traceback, and an empty OMP_NUM_THREADS is no thread count."""
-    for name in [name for name, value in os.environ.items() if value == "" and name.startswith(EMPTY_IS_UNSET)]:
-        del os.environ[name]
 
 
 def quiet_lightning() -> None:
     """Drop lines that say nothing about the run: Lightning's advert for its cloud service, a deprecation warning
     raised inside Lightning by this torch version, its advice to sync metrics that torchmetrics has already synced
-    across devices."""
+    across devices, its note that a limit of 1.0 uses every batch (what descent passes where its loaders apply a
+    fraction)."""
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     warnings.filterwarnings("ignore", message=r".*`training_step` returned `None`")  # a diverged step, on purpose
     warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\(.*sync_dist=True\)")
-    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(lambda r: "Tip:" not in r.getMessage())
+    quiet = ("Tip:", "was configured so 100% of the batches")
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
+        lambda record: not any(text in record.getMessage() for text in quiet)
+    )
 
 
 def freeze_heap() -> None:
@@ -134,6 +133,85 @@ def build_callbacks(cfg: DictConfig | None, run_dir: Path, has_logger: bool) -> 
     return callbacks
 
 
+def loader_fractions(trainer_cfg: DictConfig) -> dict[str, float]:
+    """The parts (train, val, test) whose `trainer.limit_*_batches` (for train and val: `trainer.overfit_batches`,
+    which Lightning applies to both) is a fraction in (0, 1). Our loaders keep those batches themselves
+    (descent.data.batches.limited_bounds: Lightning's count, and a fraction of the samples where that count is 0,
+    which Lightning refuses), and Lightning is given 1.0 for them (`lightning_limits`)."""
+    overfit = trainer_cfg.get("overfit_batches") or 0
+    fractions = {}
+    for part in ("train", "val", "test"):
+        value = overfit if overfit and part != "test" else trainer_cfg.get(f"limit_{part}_batches")
+        if isinstance(value, float) and 0 < value < 1:
+            fractions[part] = value
+    return fractions
+
+
+def lightning_limits(trainer_cfg: DictConfig) -> dict[str, float]:
+    """The Trainer arguments that hand the fractions of `loader_fractions` to our loaders: 1.0 for those parts."""
+    fractions = loader_fractions(trainer_cfg)
+    if trainer_cfg.get("overfit_batches") and "train" in fractions:
+        return {"overfit_batches": 1.0, **({"limit_test_batches": 1.0} if "test" in fractions else {})}
+    return {f"limit_{part}_batches": 1.0 for part in fractions}
+
+
+@contextlib.contextmanager
+def setting_errors(cfg: DictConfig, building: bool = False) -> Iterator[None]:
+    """Turn an exception that Lightning, Hydra's instantiate, torch or wandb raise about a setting into a
+    ConfigError naming the setting, with their own message on one line. While `building` the Trainer, every
+    exception is about its settings; later (fit, test) only Lightning's MisconfigurationException, torch's refusal of
+    `trainer.deterministic`, wandb's errors and a ValueError or TypeError raised by Lightning's own code (such as its
+    check of `val_check_interval` against the epoch's batches) are: anything else stays a failure with its traceback."""
+    from hydra.errors import InstantiationException
+    from lightning_fabric.utilities.exceptions import MisconfigurationException
+
+    try:
+        yield
+    except ConfigError:
+        raise
+    except Exception as error:
+        cause = error.__cause__ if isinstance(error, InstantiationException) and error.__cause__ else error
+        message = " ".join(str(cause).split())
+        wandb_errors = getattr(sys.modules.get("wandb"), "errors", None)
+        if building or isinstance(cause, MisconfigurationException) or raised_by_lightning(cause):
+            raise named_setting(cfg, message) from error
+        if isinstance(cause, RuntimeError) and "deterministic" in message:
+            raise ConfigError("trainer.deterministic", cfg.trainer.get("deterministic"), message) from error
+        if wandb_errors is not None and isinstance(cause, wandb_errors.Error):
+            raise ConfigError("logger.wandb", UNSHOWN, message) from error
+        raise
+
+
+def raised_by_lightning(error: BaseException) -> bool:
+    """A ValueError or TypeError whose raising frame is in Lightning's own packages: its checks of its arguments."""
+    import traceback
+
+    if not isinstance(error, (ValueError, TypeError)) or error.__traceback__ is None:
+        return False
+    raiser = traceback.extract_tb(error.__traceback__)[-1].filename
+    return any(f"{os.sep}{package}{os.sep}" in raiser for package in ("pytorch_lightning", "lightning_fabric"))
+
+
+def named_setting(cfg: DictConfig, message: str) -> ConfigError:
+    """A ConfigError for `message`, naming the first setting of trainer.*, callbacks.* or logger.* it mentions (as a
+    word; else the first whose string value it mentions), else `trainer`."""
+    settings = {f"trainer.{key}": key for key in cfg.trainer}
+    for group in ("callbacks", "logger"):
+        for name, node in (cfg.get(group) or {}).items():
+            settings |= {f"{group}.{name}.{key}": key for key in (node or {}) if not str(key).startswith("_")}
+    mentions = []  # (names it rather than its value, where the message names it, a trainer setting first, setting)
+    for setting, key in settings.items():
+        value = OmegaConf.select(cfg, setting)
+        words = [(0, str(key))] + ([(1, value)] if isinstance(value, str) and len(value) > 1 else [])
+        for by_value, word in words:
+            if match := re.search(rf"(?<![A-Za-z0-9_]){re.escape(word)}(?![A-Za-z0-9_])", message, re.IGNORECASE):
+                mentions.append((by_value, match.start(), not setting.startswith("trainer."), setting))
+    if not mentions:
+        return ConfigError("trainer", UNSHOWN, message)
+    setting = min(mentions)[-1]
+    return ConfigError(setting, OmegaConf.select(cfg, setting), message)
+
+
 def build_trainer(
     cfg: DictConfig,
     run_dir: Path,
@@ -152,26 +230,29 @@ def build_trainer(
 
     from descent.loggers import build_loggers
 
-    loggers = build_loggers(cfg, run_dir, group, job_type)
-    callbacks = [
-        *extra,
-        history,
-        StepLosses(run_dir / "steps.csv"),
-        FinishWandbOnError(stopper),
-        run_state(cfg),
-        stopper,
-        *build_callbacks(cfg.callbacks, run_dir, has_logger=bool(loggers)),
-    ]
-    trainer = instantiate(
-        cfg.trainer,
-        callbacks=callbacks,
-        profiler=cfg.trainer.get("profiler") or NoProfiler(),
-        plugins=plugins(),
-        logger=loggers or False,
-        default_root_dir=str(run_dir),
-        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
-        enable_progress_bar=any(isinstance(c, ProgressBar) for c in callbacks),
-    )
+    with setting_errors(cfg, building=True):
+        loggers = build_loggers(cfg, run_dir, group, job_type)
+        callbacks = [
+            *extra,
+            history,
+            StepLosses(run_dir / "steps.csv"),
+            FinishWandbOnError(stopper),
+            run_state(cfg),
+            stopper,
+            *build_callbacks(cfg.callbacks, run_dir, has_logger=bool(loggers)),
+        ]
+    with setting_errors(cfg, building=True):
+        trainer = instantiate(
+            cfg.trainer,
+            callbacks=callbacks,
+            profiler=cfg.trainer.get("profiler") or NoProfiler(),
+            plugins=plugins(),
+            logger=loggers or False,
+            default_root_dir=str(run_dir),
+            enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+            enable_progress_bar=any(isinstance(c, ProgressBar) for c in callbacks),
+            **lightning_limits(cfg.trainer),
+        )
     check_distributed(trainer, cfg.trainer, in_sweep)
     return trainer
 
@@ -204,6 +285,13 @@ def check_distributed(trainer: Any, trainer_cfg: DictConfig, in_sweep: bool) -> 
             "hydra/launcher=submitit_slurm with hydra.launcher.tasks_per_node equal to trainer.devices"
         )
         raise ConfigError("trainer.strategy", strategy, allowed)
+    if trainer.num_nodes > 1 and not (environment and environment.creates_processes_externally):
+        allowed = (
+            "expected 1 here: several nodes need a cluster that starts a process on each (SLURM: "
+            "hydra/launcher=submitit_slurm with hydra.launcher.nodes, or torchrun); alone, the run would wait for "
+            "the other nodes forever"
+        )
+        raise ConfigError("trainer.num_nodes", trainer.num_nodes, allowed)
     if trainer_cfg.get("sync_batchnorm") and isinstance(trainer.accelerator, CPUAccelerator):
         allowed = (
             "expected false on CPU: torch's SyncBatchNorm runs on GPUs only (use trainer.accelerator=gpu, or "

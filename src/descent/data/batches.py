@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
+from torch.utils.data import SequentialSampler
 
 
 def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
@@ -23,18 +24,45 @@ def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
     return bounds
 
 
+def limited_bounds(bounds: list[tuple[int, int]], fraction: float | None) -> list[tuple[int, int]]:
+    """The batches a `trainer.limit_*_batches` (or `overfit_batches`) fraction keeps: the first int(fraction x
+    batches), as Lightning counts them; where that is 0 (a fraction of a single batch, such as digits' one validation
+    batch), one batch of the first int(fraction x samples) samples (at least one), where Lightning would refuse."""
+    if fraction is None or fraction >= 1 or not bounds:
+        return bounds
+    kept = int(fraction * len(bounds))
+    if kept >= 1:
+        return bounds[:kept]
+    start, end = bounds[0][0], bounds[-1][1]
+    return [(start, start + max(1, int(fraction * (end - start))))]
+
+
+class EpochSampler(SequentialSampler):
+    """The sampler Lightning sees on an unshuffled loader: sequential (Lightning's `overfit_batches` looks for that
+    before it would try to turn shuffling off), and passing the epoch that Lightning sets on to the loader."""
+
+    def __init__(self, loader: EpochLoader) -> None:
+        super().__init__(range(len(loader)))
+        self.loader = loader
+
+    def set_epoch(self, epoch: int) -> None:
+        self.loader.set_epoch(epoch)
+
+
 class EpochLoader:
     """What Lightning needs of a loader that is not a DataLoader: a length, and `sampler.set_epoch(epoch)`, which
-    its fit loop calls on every loader before an epoch; the loader is its own sampler, so the epoch reaches the
-    shuffle.
+    its fit loop calls on every loader before an epoch; a shuffled loader is its own sampler, so the epoch reaches
+    the shuffle. `fraction` keeps the batches of `limited_bounds` (Lightning is then given 1.0 for that part).
 
     Its state (epoch, batches served) travels in checkpoints (Lightning saves a loader's `state_dict`), so a run
     resumed from a mid-epoch checkpoint (written on SIGTERM) trains on the batches it had not seen yet."""
 
-    def __init__(self, bounds: list[tuple[int, int]], shuffle: bool, seed: int) -> None:
-        self.bounds = bounds
+    def __init__(self, bounds: list[tuple[int, int]], shuffle: bool, seed: int, fraction: float | None = None) -> None:
+        self.bounds = limited_bounds(bounds, fraction)
         self.shuffle, self.seed, self.epoch = shuffle, seed, 0
-        self.sampler, self.batch_sampler = self, None  # the attributes Lightning looks for on a loader
+        # the attributes Lightning looks for on a loader
+        self.sampler: EpochLoader | EpochSampler = self if shuffle else EpochSampler(self)
+        self.batch_sampler = None
         self.served = 0  # batches yielded in this epoch
         self._resume: tuple[int, int] | None = None  # (epoch, batches already trained) from a mid-epoch checkpoint
 
@@ -70,6 +98,7 @@ class TensorBatches(EpochLoader):
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        fraction: float | None = None,
     ) -> None:
         self.images, self.labels = images, labels
         self.rank, self.world_size = rank, world_size
@@ -77,7 +106,7 @@ class TensorBatches(EpochLoader):
         # steps, so they take len // world_size samples each (the few left over differ each epoch); val and test
         # shards cover every sample once, so synced metrics equal a single device's.
         share = len(labels) // world_size if shuffle else len(range(rank, len(labels), world_size))
-        super().__init__(batch_bounds(share, batch_size), shuffle, seed)
+        super().__init__(batch_bounds(share, batch_size), shuffle, seed, fraction)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         images, labels = self.images, self.labels

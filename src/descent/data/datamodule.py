@@ -47,6 +47,8 @@ class ImageDataModule(pl.LightningDataModule):
 
     `stream` (`data.stream`: in_memory_mb, block_size, prefetch) streams a memory-mapped source whose split, as
     float32, is larger than `in_memory_mb`; without it, or below it, every part is loaded into memory once.
+    `fractions` (part -> fraction in (0, 1)) are the `trainer.limit_*_batches` fractions the loaders apply themselves
+    (`descent.data.batches.limited_bounds`). With the Trainer's `overfit_batches`, training batches are not shuffled.
     """
 
     def __init__(
@@ -57,9 +59,11 @@ class ImageDataModule(pl.LightningDataModule):
         eval_batch_size: int,
         seed: int,
         stream: Mapping[str, Any] | None = None,
+        fractions: Mapping[str, float] | None = None,
     ) -> None:
         super().__init__()
         self.source, self.split = source, split
+        self.fractions = dict(fractions or {})
         self.batch_size, self.eval_batch_size, self.seed = batch_size, eval_batch_size, seed
         self.tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         size_mb = 4 * math.prod(source.image_shape) * sum(map(len, (split.train, split.val, split.test))) / 2**20
@@ -97,8 +101,11 @@ class ImageDataModule(pl.LightningDataModule):
     def _batches(self, part: str, batch_size: int, shuffle: bool) -> TensorBatches | StreamingBatches:
         trainer = self.trainer
         rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        fraction = self.fractions.get(part)
         if not self.streaming:
-            return TensorBatches(*self.tensors[part], batch_size, shuffle, self.seed, rank=rank, world_size=world_size)
+            return TensorBatches(
+                *self.tensors[part], batch_size, shuffle, self.seed, rank=rank, world_size=world_size, fraction=fraction
+            )
         if world_size > 1:
             raise ConfigError(
                 "trainer.devices",
@@ -115,6 +122,7 @@ class ImageDataModule(pl.LightningDataModule):
             indices=getattr(self.split, part),
             block_size=self.stream["block_size"],
             prefetch=self.stream["prefetch"],
+            fraction=fraction,
         )
 
     def train_dataloader(self) -> TensorBatches | StreamingBatches:

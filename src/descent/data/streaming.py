@@ -37,10 +37,11 @@ class StreamingBatches(EpochLoader):
         indices: np.ndarray | None = None,
         block_size: int = 65_536,
         prefetch: int = 8,
+        fraction: float | None = None,
     ) -> None:
         self.images, self.labels = images, labels
         self.indices = np.arange(len(labels)) if indices is None else np.asarray(indices)
-        super().__init__(batch_bounds(len(self.indices), batch_size), shuffle, seed)
+        super().__init__(batch_bounds(len(self.indices), batch_size), shuffle, seed, fraction)
         self.block_size, self.prefetch = block_size, prefetch
 
     def order(self) -> np.ndarray:
