@@ -128,6 +128,7 @@ MORE_BAD = [
     ("+trainer.gradient_clip_algorithm=l2", "trainer.gradient_clip_algorithm"),
     ("+trainer.barebones=true", "trainer.barebones"),
     ("+trainer.detect_anomaly=maybe", "trainer.detect_anomaly"),
+    ("+trainer.precision=bf16-mixed +trainer.gradient_clip_val=1", "trainer.gradient_clip_val"),  # Adam's fused step
     ("+trainer.deterministic=yes", "trainer.deterministic"),
     ("callbacks.early_stopping.patience=-2", "callbacks.early_stopping.patience"),
     ("+callbacks.early_stopping.min_delta=-0.1", "callbacks.early_stopping.min_delta"),

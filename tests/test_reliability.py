@@ -77,8 +77,14 @@ def wait_for_rows(process: subprocess.Popen, run_dir: Path, count: int) -> None:
         time.sleep(0.01)
 
 
-def resume(run_dir: Path) -> subprocess.CompletedProcess:
-    return run_script("train.py", f"ckpt_path={run_dir}/checkpoints/last.ckpt", f"hydra.run.dir={run_dir}")
+def resume(run_dir: Path, *overrides: str, into: Path | None = None) -> subprocess.CompletedProcess:
+    """`python train.py [OVERRIDES] ckpt_path=<run_dir>/checkpoints/last.ckpt hydra.run.dir=<into or run_dir>`."""
+    ckpt_path = f"ckpt_path={run_dir}/checkpoints/last.ckpt"
+    return run_script("train.py", *overrides, ckpt_path, f"hydra.run.dir={into or run_dir}")
+
+
+def files_of(run_dir: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(run_dir)): path.read_bytes() for path in sorted(run_dir.rglob("*")) if path.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +96,8 @@ def uninterrupted(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_a_run_killed_after_its_second_epoch_resumes_to_the_uninterrupted_metrics(uninterrupted, tmp_path):
+@pytest.mark.parametrize("command", ["ckpt_path alone", "its own command and ckpt_path"])
+def test_a_run_killed_after_its_second_epoch_resumes_to_the_uninterrupted_metrics(uninterrupted, tmp_path, command):
     run_dir = tmp_path / "run"
     process = start(run_dir, *SLOW_EPOCHS)
     wait_for_rows(process, run_dir, 2)
@@ -99,10 +106,12 @@ def test_a_run_killed_after_its_second_epoch_resumes_to_the_uninterrupted_metric
     process.wait()
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] >= 1
 
-    resumed = resume(run_dir)
+    own = SLOW_EPOCHS if command == "its own command and ckpt_path" else []
+    resumed = resume(run_dir, *own)
     assert resumed.returncode == 0, resumed.stderr
     assert without_durations(results_of(run_dir)) == without_durations(results_of(uninterrupted))
     assert without_time(rows_of(run_dir)) == without_time(rows_of(uninterrupted))
+    assert (run_dir / "steps.csv").read_text() == (uninterrupted / "steps.csv").read_text()  # no step twice or lost
     for name in ("overrides.yaml", "config.yaml"):  # Hydra rewrote them for the resume command; the run's are back
         assert (run_dir / ".hydra" / name).read_text() == (uninterrupted / ".hydra" / name).read_text()
 
@@ -171,12 +180,70 @@ def test_on_slurm_only_one_requeue_mechanism_is_armed(monkeypatch):
 
 
 def test_a_resume_refuses_overrides_that_would_make_it_another_run(uninterrupted, tmp_path):
-    process = run_script(
-        "train.py", f"ckpt_path={uninterrupted}/checkpoints/last.ckpt", "optimizer.lr=0.5", f"hydra.run.dir={tmp_path}"
-    )
+    process = resume(uninterrupted, *SLOW_EPOCHS, "optimizer.lr=0.5", "seed=3", into=tmp_path)
     assert process.returncode == 2
-    assert "a resume continues the run's own config" in process.stdout + process.stderr
+    (line,) = [line for line in (process.stdout + process.stderr).splitlines() if "[ERROR]" in line]
+    assert "a resume continues the run of its checkpoint" in line and "differ from it: optimizer.lr, seed (" in line
     assert "Traceback" not in process.stderr
+    shorter = resume(uninterrupted, *SLOW_EPOCHS, "trainer.max_epochs=2", into=tmp_path)
+    assert shorter.returncode == 2 and "trainer.max_epochs=2 is not allowed" in shorter.stdout + shorter.stderr
+
+
+EXTENDED = [*SMALL, "optimizer.lr=0.05"]  # its second epoch validates worse than its first
+
+
+@pytest.fixture(scope="module")
+def two_epochs(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("two_epochs") / "run"
+    process = run_script("train.py", *EXTENDED, f"hydra.run.dir={run_dir}")
+    assert process.returncode == 0, process.stderr
+    return run_dir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("folder", ["its own", "a new one"])
+def test_a_finished_run_trained_longer_ends_where_an_uninterrupted_run_ends(two_epochs, tmp_path, folder):
+    one_epoch = tmp_path / "one"
+    process = run_script("train.py", *EXTENDED, "trainer.max_epochs=1", f"hydra.run.dir={one_epoch}")
+    assert process.returncode == 0, process.stderr
+    with open(one_epoch / "steps.csv", "a") as steps:
+        steps.write("1,35,0.5\n1,3")  # what a kill after steps.csv's write and before last.ckpt's leaves
+    before = files_of(one_epoch)
+    run_dir = one_epoch if folder == "its own" else tmp_path / "new"
+
+    extended = resume(one_epoch, *EXTENDED, into=run_dir)
+    assert extended.returncode == 0, extended.stderr
+    results = results_of(run_dir)
+    assert results["extended_from"] == 1 and results["epochs"] == 2
+    assert without_durations(results) == without_durations(results_of(two_epochs)) | {"extended_from": 1}
+    assert results["best_epoch"] == 0  # the earlier part's best.ckpt, kept: Lightning's best score came along
+    assert without_time(rows_of(run_dir)) == without_time(rows_of(two_epochs))
+    assert (run_dir / "steps.csv").read_text() == (two_epochs / "steps.csv").read_text()
+    assert (run_dir / "checkpoints" / "best.ckpt").read_bytes() == (
+        two_epochs / "checkpoints" / "best.ckpt"
+    ).read_bytes()
+    states = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["callbacks"].values()
+    assert all(str(run_dir) in state["dirpath"] for state in states if "dirpath" in state)
+    if folder == "a new one":
+        assert files_of(one_epoch) == before  # the earlier folder is only read
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_a_mid_epoch_validation_resumes_exactly(tmp_path):
+    mid_epoch = [*SMALL, "+trainer.val_check_interval=0.5"]
+    whole = run_script("train.py", *mid_epoch, f"hydra.run.dir={tmp_path}/whole")
+    assert whole.returncode == 0, whole.stderr
+    run_dir = tmp_path / "run"
+    stopped = run_script("train.py", *mid_epoch, "+trainer.max_steps=17", f"hydra.run.dir={run_dir}")
+    assert stopped.returncode == 0, stopped.stderr
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert (last["epoch"], last["global_step"]) == (0, 17)  # written at the validation half-way through epoch 0
+
+    resumed = resume(run_dir, *mid_epoch)  # max_steps may change: it only says when training stops
+    assert resumed.returncode == 0, resumed.stderr
+    assert without_durations(results_of(run_dir)) == without_durations(results_of(tmp_path / "whole"))
+    assert without_time(rows_of(run_dir)) == without_time(rows_of(tmp_path / "whole"))
+    assert (run_dir / "steps.csv").read_text() == (tmp_path / "whole" / "steps.csv").read_text()
 
 
 @pytest.mark.slow
@@ -221,6 +288,27 @@ def test_checkpoints_load_with_weights_only_and_last_carries_the_rng_states(trai
     assert (
         resumed.returncode == 2 and "best.ckpt holds the best epoch's weights only" in resumed.stdout + resumed.stderr
     )
+
+
+def test_best_ckpt_holds_only_tensors_and_loads_as_the_tested_model(train):
+    from omegaconf import OmegaConf
+
+    from descent.data.sources import build_source
+    from descent.model import Classifier
+
+    process, run_dir = train(*SMALL)
+    assert process.returncode == 0, process.stderr
+    best = run_dir / "checkpoints" / "best.ckpt"
+    state_dict = torch.load(best, weights_only=True)["state_dict"]
+    assert state_dict and all(isinstance(value, torch.Tensor) for value in state_dict.values())
+
+    model = Classifier.load_from_checkpoint(best, map_location="cpu").eval()
+    source = build_source(OmegaConf.load(run_dir / ".hydra" / "config.yaml").data)
+    test = np.load(run_dir / "split.npz")["test"]
+    with torch.no_grad():
+        predicted = model(torch.as_tensor(np.asarray(source.images[test], dtype=np.float32))).argmax(dim=1)
+    correct = int((predicted == torch.as_tensor(source.labels[test])).sum())
+    assert correct == round(results_of(run_dir)["metrics"]["test/acc"] * len(test))
 
 
 def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):

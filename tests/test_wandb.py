@@ -102,6 +102,30 @@ def test_without_credentials_or_stdin_wandb_runs_offline_by_itself(tmp_path):
     assert_is_a_complete_offline_run(tmp_path / "run", "torch.optim.Adam")
 
 
+EMPTY = ("WANDB_MODE", "WANDB_API_KEY", "WANDB_PROJECT", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "RANK", "LOCAL_RANK")
+
+
+def test_empty_environment_variables_are_unset_so_wandb_runs_offline_as_without_them(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {key: value for key, value in ENV.items() if not key.startswith("WANDB_")} | {"HOME": str(home)}
+    env |= dict.fromkeys((*EMPTY, "SLURM_NTASKS"), "")  # as shells, CI files and containers pass unset variables
+    env.pop("NETRC", None)
+    process = run_train(tmp_path / "run", "logger=wandb", env=env)
+    output = process.stdout + process.stderr
+    assert process.returncode == 0, output
+    assert "no credentials found" in output and "Traceback" not in output and "libgomp" not in output
+    assert_is_a_complete_offline_run(tmp_path / "run", "torch.optim.Adam")
+
+
+def test_a_wandb_setting_wandb_refuses_is_one_line_naming_it(tmp_path):
+    process = run_train(tmp_path / "run", "logger=wandb", env={**ENV, "WANDB_MODE": "bogus"})
+    output = process.stdout + process.stderr
+    assert process.returncode == 2 and "Traceback" not in output
+    (line,) = [line for line in output.splitlines() if "[ERROR]" in line]
+    assert "WANDB_MODE='bogus' is not allowed: " in line and "'offline'" in line
+
+
 def test_the_api_key_is_never_written_to_the_run_folder(tmp_path):
     key = "plantedkey" + "0123456789abcdef" * 2 + "abcdefghijkl"
     run_dir = tmp_path / "run"

@@ -464,6 +464,7 @@ def validate(cfg: DictConfig) -> None:
     check_trainer(cfg.trainer)
     check_callbacks(cfg.callbacks)
     check_validation_is_on(cfg.trainer, cfg.callbacks)
+    check_clipping(cfg.trainer, cfg.optimizer)
     check_loggers(cfg.logger)
     # after trainer: cosine's T_max follows trainer.max_epochs, whose own message names the key the user set
     if cfg.scheduler is not None:
@@ -525,6 +526,18 @@ def check_trainer(node: DictConfig) -> None:
     if node.get("max_epochs") == -1 and node.get("max_steps", -1) == -1 and node.get("max_time") is None:
         allowed = "expected a positive int: -1 (no limit) needs trainer.max_steps or trainer.max_time to end the run"
         raise ConfigError("trainer.max_epochs", -1, allowed)
+
+
+def check_clipping(trainer: DictConfig, optimizer: DictConfig) -> None:
+    """Refuse gradient clipping under mixed precision with a fused optimizer (Adam's configs set `fused: true`):
+    such an optimizer unscales the gradients inside its step, so Lightning cannot clip them first."""
+    mixed = "mixed" in str(trainer.get("precision")) or str(trainer.get("precision")) in ("16", "bf16")
+    if mixed and (trainer.get("gradient_clip_val") or 0) > 0 and optimizer.get("fused"):
+        allowed = (
+            f"expected null with a fused optimizer under trainer.precision={trainer.precision}: it unscales the "
+            "gradients in its own step, so Lightning cannot clip them; add optimizer.fused=false"
+        )
+        raise ConfigError("trainer.gradient_clip_val", trainer.gradient_clip_val, allowed)
 
 
 def check_validation_is_on(trainer: DictConfig, callbacks: DictConfig | None) -> None:

@@ -78,8 +78,9 @@ def build_loggers(cfg: DictConfig, run_dir: Path, group: str | None, job_type: s
             identity = _wandb_identity(cfg, run_dir, group, job_type)
             identity["tags"] = [*identity["tags"], *typed_unless_secret(logger_cfg.get("tags") or [])]
             extra |= identity | {"mode": wandb_mode(logger_cfg.get("mode"))}
-            resumed = previous_wandb_run(run_dir) if cfg.get("ckpt_path") else None
-            if resumed is not None:  # a resume (or a requeued job) goes on in the W&B run it left
+            # a resume (or a requeued job) goes on in the W&B run it left, also into a new folder
+            resumed = previous_wandb_run(Path(cfg.ckpt_path).resolve().parent.parent) if cfg.get("ckpt_path") else None
+            if resumed is not None:
                 extra |= {"id": resumed, "resume": "allow"}
                 log.info("W&B: resuming run %s", resumed)
         # completed as a partial: `config` (a plain dict with _target_ keys) must reach wandb.init as it is

@@ -28,6 +28,7 @@ from descent.results import task_overrides
 
 log = logging.getLogger("descent")
 MULTI_THREAD_WORK = 10_000_000  # multiply-adds per step from which a second thread pays on these small models
+LIGHTNING = ("pytorch_lightning", "lightning_fabric")  # Lightning's packages, as they lie on disk
 SPAWNING = ("spawn", "fork", "notebook")  # Lightning strategies whose processes are started by multiprocessing
 
 
@@ -173,23 +174,35 @@ def setting_errors(cfg: DictConfig, building: bool = False) -> Iterator[None]:
         cause = error.__cause__ if isinstance(error, InstantiationException) and error.__cause__ else error
         message = " ".join(str(cause).split())
         wandb_errors = getattr(sys.modules.get("wandb"), "errors", None)
-        if building or isinstance(cause, MisconfigurationException) or raised_by_lightning(cause):
+        settings_check = type(cause).__module__.startswith("pydantic") and raised_in(cause, ("wandb",))
+        if wandb_errors is not None and (isinstance(cause, wandb_errors.Error) or settings_check):
+            raise wandb_setting(cfg, cause, message) from error
+        lightning_check = isinstance(cause, (ValueError, TypeError)) and raised_in(cause, LIGHTNING)
+        if building or isinstance(cause, MisconfigurationException) or lightning_check:
             raise named_setting(cfg, message) from error
         if isinstance(cause, RuntimeError) and "deterministic" in message:
             raise ConfigError("trainer.deterministic", cfg.trainer.get("deterministic"), message) from error
-        if wandb_errors is not None and isinstance(cause, wandb_errors.Error):
-            raise ConfigError("logger.wandb", UNSHOWN, message) from error
         raise
 
 
-def raised_by_lightning(error: BaseException) -> bool:
-    """A ValueError or TypeError whose raising frame is in Lightning's own packages: its checks of its arguments."""
+def raised_in(error: BaseException, packages: Sequence[str]) -> bool:
+    """Whether one of `packages` is on `error`'s traceback below our code: a check of its own, of its arguments."""
     import traceback
 
-    if not isinstance(error, (ValueError, TypeError)) or error.__traceback__ is None:
-        return False
-    raiser = traceback.extract_tb(error.__traceback__)[-1].filename
-    return any(f"{os.sep}{package}{os.sep}" in raiser for package in ("pytorch_lightning", "lightning_fabric"))
+    frames = traceback.extract_tb(error.__traceback__) if error.__traceback__ is not None else []
+    return any(f"{os.sep}{package}{os.sep}" in frame.filename for frame in frames for package in packages)
+
+
+def wandb_setting(cfg: DictConfig, error: BaseException, message: str) -> ConfigError:
+    """A ConfigError for wandb's refusal of a setting: the WANDB_<FIELD> variable or `logger.wandb.<field>` that
+    set the field its pydantic check names, else `logger.wandb`."""
+    fields = [str(entry["loc"][0]) for entry in getattr(error, "errors", list)() if entry.get("loc")]
+    for field in fields:
+        if f"WANDB_{field.upper()}" in os.environ:
+            return ConfigError(f"WANDB_{field.upper()}", os.environ[f"WANDB_{field.upper()}"], message)
+        if OmegaConf.select(cfg, f"logger.wandb.{field}") is not None:
+            return ConfigError(f"logger.wandb.{field}", OmegaConf.select(cfg, f"logger.wandb.{field}"), message)
+    return ConfigError("logger.wandb", UNSHOWN, message)
 
 
 def named_setting(cfg: DictConfig, message: str) -> ConfigError:
