@@ -43,7 +43,7 @@ class EpochHistory(pl.Callback):
         self.elapsed_before = 0.0  # training seconds of the run before a resume
         self.started = 0.0
         self.lr = math.nan
-        self.samples = 0  # training samples served so far, those before a resume included
+        self.samples = 0  # training samples of every device so far, those before a resume included
         self.written = 0  # rows already in metrics.csv: later epochs append theirs
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -55,7 +55,7 @@ class EpochHistory(pl.Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self.samples += len(batch[1])
+        self.samples += len(batch[1]) * trainer.world_size  # DDP: every rank trains an equal share
 
     def elapsed(self) -> float:
         """Seconds of training so far, the part before a resume included."""

@@ -177,7 +177,7 @@ def setting_errors(cfg: DictConfig, building: bool = False) -> Iterator[None]:
         settings_check = type(cause).__module__.startswith("pydantic") and raised_in(cause, ("wandb",))
         if wandb_errors is not None and (isinstance(cause, wandb_errors.Error) or settings_check):
             raise wandb_setting(cfg, cause, message) from error
-        lightning_check = isinstance(cause, (ValueError, TypeError)) and raised_in(cause, LIGHTNING)
+        lightning_check = isinstance(cause, (ValueError, TypeError)) and raised_in(cause, LIGHTNING, innermost=True)
         if building or isinstance(cause, MisconfigurationException) or lightning_check:
             raise named_setting(cfg, message) from error
         if isinstance(cause, RuntimeError) and "deterministic" in message:
@@ -185,11 +185,12 @@ def setting_errors(cfg: DictConfig, building: bool = False) -> Iterator[None]:
         raise
 
 
-def raised_in(error: BaseException, packages: Sequence[str]) -> bool:
-    """Whether one of `packages` is on `error`'s traceback below our code: a check of its own, of its arguments."""
+def raised_in(error: BaseException, packages: Sequence[str], innermost: bool = False) -> bool:
+    """Whether one of `packages` is on `error`'s traceback (with `innermost`, raised there: a check of its own)."""
     import traceback
 
     frames = traceback.extract_tb(error.__traceback__) if error.__traceback__ is not None else []
+    frames = frames[-1:] if innermost else frames
     return any(f"{os.sep}{package}{os.sep}" in frame.filename for frame in frames for package in packages)
 
 
