@@ -90,3 +90,16 @@ def test_the_suggestion_is_the_steepest_fall_against_log_lr_not_lr():
 def test_lr_find_is_refused_where_it_cannot_search(overrides, message):
     with pytest.raises(ConfigError, match=message):
         validate(compose_train("lr_find=true", *overrides))
+
+
+def test_a_run_with_lr_find_trains_longer_with_its_own_command_and_keeps_its_suggestion(train, tmp_path):
+    own = ["lr_find=true", "optimizer=sgd", "model.hidden_dims=[16]"]  # its command's optimizer.lr is sgd's default
+    process, run_dir = train(*own)
+    assert process.returncode == 0, process.stderr
+    found = results_of(run_dir)["lr_find"]
+    process, longer = train(
+        *own, "trainer.max_epochs=3", f"ckpt_path={run_dir}/checkpoints/last.ckpt", run_dir=tmp_path / "longer"
+    )
+    assert process.returncode == 0, process.stdout + process.stderr
+    results = results_of(longer)
+    assert results["extended_from"] == 2 and results["epochs"] == 3 and results["lr_find"] == found

@@ -108,6 +108,8 @@ def resumed_config(cfg: DictConfig, overrides: list[str], run_dir: Path) -> tupl
         own = [item for item in overrides if item.split("=", 1)[0].lstrip("+~") != "ckpt_path"]
         if own:
             config = OmegaConf.to_container(cfg, resolve=False) | {"ckpt_path": None}
+            if config.get("lr_find") and saved["config"].get("lr_find"):  # the search set the run's lr
+                config["optimizer"]["lr"] = saved["config"]["optimizer"]["lr"]
             check_continues(saved, config, ckpt_path)
             overrides = own
         else:
