@@ -110,7 +110,8 @@ def find_lr(cfg: DictConfig, source: Any, split: Any, datamodule: Any, run_dir: 
         written = OmegaConf.load(hydra_config)
         written.optimizer.lr = found["suggested"]
         OmegaConf.save(written, hydra_config)
-    title = f"learning-rate finder: {cfg.optimizer._target_.rsplit('.', 1)[-1]}, {len(lrs)} steps on the training split"
+    optimizer = cfg.optimizer["_target_"].rsplit(".", 1)[-1]
+    title = f"learning-rate finder: {optimizer}, {len(lrs)} steps on the training split"
     plots.lr_find(lrs, losses, found["suggested"], SKIP_BEGIN, run_dir / "lr_find.png", title)
     log.info(
         "lr_find: optimizer.lr=%.4g suggested (searched %.3g to %.3g in %d steps on the training split) -> %s",
