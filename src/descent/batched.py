@@ -240,6 +240,20 @@ class BatchedNet(nn.Module):
                 )
         return state
 
+    @torch.no_grad()
+    def load_replicate_state_dict(self, i: int, state: dict[str, torch.Tensor]) -> None:
+        """Copy a single net's parameters and buffers (replicate_state_dict's keys, e.g. a best.ckpt's) into
+        replicate i's slices, leaving the other replicates as they are."""
+        expected = 0
+        for prefix, module in self.named_modules():
+            tensors = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+            for name, tensor in tensors:
+                value = state[f"{prefix}.{name}" if prefix else name]
+                tensor[i].copy_(value.mT if isinstance(module, BatchedLinear) and name == "weight" else value)
+                expected += 1
+        if expected != len(state):
+            raise ValueError(f"replicate state has {len(state)} tensors, the batched net {expected}")
+
     def get_extra_state(self) -> dict[str, list[torch.Tensor]]:
         """The generators' states go into the state dict: a run resumed from a checkpoint draws the same masks."""
         return {"rng_states": [generator.get_state() for generator in self.generators]}

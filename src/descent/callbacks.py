@@ -76,15 +76,21 @@ class EpochHistory(pl.Callback):
             self.add(trainer, values)
 
     def add(self, trainer: pl.Trainer, logged: Mapping[str, Any]) -> None:
+        """A row at the trainer's epoch and step; DDP: the other ranks hold the same synced rows."""
+        self.record(trainer.current_epoch, trainer.global_step, logged, trainer.is_global_zero)
+
+    def record(self, epoch: int, step: int, logged: Mapping[str, Any], write: bool = True) -> None:
+        """Add the row of a validation (or of an epoch without one) from its metrics (the COLUMNS it has) and append
+        it to metrics.csv."""
         row = {
-            "epoch": trainer.current_epoch,
-            "step": trainer.global_step,
+            "epoch": epoch,
+            "step": step,
             "time_s": round(self.elapsed(), 4),
             **{key: float(logged[key]) for key in COLUMNS if key in logged},
             "lr": self.lr,
         }
         self.rows.append(row)
-        if trainer.is_global_zero:  # DDP: the other ranks hold the same synced rows
+        if write:
             self.write()
 
     def write(self) -> None:

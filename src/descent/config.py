@@ -470,6 +470,114 @@ def validate(cfg: DictConfig) -> None:
     if cfg.scheduler is not None:
         check(cfg.scheduler, "scheduler", SCHEDULER)
         check_target(cfg.scheduler.scheduler, "scheduler.scheduler", "scheduler", TORCH_SCHEDULER)
+    if cfg.replicates > 1 and cfg.replicates_vectorized:
+        check_vectorized(cfg)
+
+
+# replicates_vectorized=true: what the k replicates trained at once as one batched model support exactly
+SEQUENTIALLY = "use replicates_vectorized=false (one replicate after another)"
+VECTORIZED_TRAINER = frozenset(
+    {
+        *("_target_", "accelerator", "devices", "max_epochs", "max_steps", "min_epochs", "num_sanity_val_steps"),
+        *("enable_model_summary", "log_every_n_steps", "profiler", "gradient_clip_val", "gradient_clip_algorithm"),
+        *("accumulate_grad_batches", "precision", "deterministic", "benchmark", "check_val_every_n_epoch"),
+        "val_check_interval",
+    }
+)
+COUPLED_PRECISIONS = ("16", "16-mixed", "transformer-engine", "transformer-engine-float16")
+REPLICATE_METRICS = ("train/loss", "train/acc", "train/f1", "val/loss", "val/acc", "val/f1")
+VECTORIZED_BEST = frozenset(
+    {
+        *("_target_", "filename", "monitor", "mode", "save_weights_only", "save_last", "save_top_k", "verbose"),
+        *("auto_insert_metric_name", "enable_version_counter", "every_n_epochs"),
+    }
+)
+VECTORIZED_EARLY_STOPPING = frozenset(
+    {
+        *("_target_", "monitor", "mode", "patience", "min_delta", "check_finite", "stopping_threshold"),
+        *("divergence_threshold", "verbose", "strict", "log_rank_zero_only", "check_on_train_epoch_end"),
+    }
+)
+BEST_DEFAULTS: Mapping[str, tuple[Any, ...]] = {
+    "save_weights_only": (True,),
+    "save_last": (None, False),
+    "save_top_k": (1,),
+    "every_n_epochs": (None, 1),
+}
+
+
+def check_vectorized(cfg: DictConfig) -> None:
+    """Refuse what the k replicates trained at once cannot compute as k separate runs would, or what makes no sense
+    for one batched model: an optimizer that is not element-wise, a scheduler reading a metric, a precision whose
+    loss scaler skips every replicate's step when one overflows, Trainer flags and callbacks beyond those supported."""
+    import torch
+    from hydra.utils import get_class, instantiate
+    from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, ProgressBar
+
+    from descent.batched import is_elementwise
+
+    optimizer = instantiate(OmegaConf.to_container(cfg.optimizer))([torch.nn.Parameter(torch.zeros(1))])
+    if not is_elementwise(type(optimizer)):
+        allowed = (
+            f"{type(optimizer).__name__} is not element-wise, so one optimizer over the stacked replicates would "
+            f"mix them (SGD, Adam, AdamW, RMSprop and the course's forms are); {SEQUENTIALLY}"
+        )
+        raise ConfigError("optimizer._target_", cfg.optimizer._target_, allowed)
+    if cfg.scheduler is not None:
+        target = cfg.scheduler.scheduler._target_
+        if issubclass(get_class(target), torch.optim.lr_scheduler.ReduceLROnPlateau):
+            allowed = f"it steps the lr the replicates share from one metric, which couples them; {SEQUENTIALLY}"
+            raise ConfigError("scheduler.scheduler._target_", target, allowed)
+    for key in cfg.trainer:
+        value = cfg.trainer[key]
+        if key not in VECTORIZED_TRAINER and value not in (None, "auto", False):
+            allowed = f"not supported with the replicates trained at once ({', '.join(sorted(VECTORIZED_TRAINER))}); "
+            raise ConfigError(f"trainer.{key}", shown(cfg.trainer, key), allowed + SEQUENTIALLY)
+    if cfg.trainer.get("min_epochs"):
+        allowed = f"expected null: each replicate stops on its own when it diverges or stops early; {SEQUENTIALLY}"
+        raise ConfigError("trainer.min_epochs", cfg.trainer.min_epochs, allowed)
+    if str(cfg.trainer.get("precision")) in COUPLED_PRECISIONS:
+        allowed = (
+            "its loss scaler skips the step of every replicate when one replicate's gradients overflow: use "
+            f"bf16-mixed or 32-true, or {SEQUENTIALLY}"
+        )
+        raise ConfigError("trainer.precision", cfg.trainer.precision, allowed)
+    best = 0
+    for name, callback in (cfg.callbacks or {}).items():
+        if callback is None:
+            continue
+        cls, prefix = get_class(callback._target_), f"callbacks.{name}"
+        if issubclass(cls, ModelCheckpoint) and callback.get("monitor") is not None:
+            best += 1
+            _check_per_replicate(callback, prefix, VECTORIZED_BEST, best)
+            for key, values in BEST_DEFAULTS.items():
+                if callback.get(key, values[0]) not in values:
+                    allowed = f"expected {values[0]}: each replicate's best.ckpt holds its best weights; {SEQUENTIALLY}"
+                    raise ConfigError(f"{prefix}.{key}", callback[key], allowed)
+        elif issubclass(cls, EarlyStopping):
+            _check_per_replicate(callback, prefix, VECTORIZED_EARLY_STOPPING, 1)
+            if callback.get("check_on_train_epoch_end"):
+                allowed = f"expected null: each replicate is checked after its validation; {SEQUENTIALLY}"
+                raise ConfigError(f"{prefix}.check_on_train_epoch_end", True, allowed)
+        elif not issubclass(cls, ModelCheckpoint | ProgressBar | LearningRateMonitor):
+            allowed = (
+                "a callback of the replicates trained at once is per replicate (model_checkpoint, early_stopping) or "
+                f"sees the batched model (last_checkpoint, progress_bar, lr_monitor); {SEQUENTIALLY}"
+            )
+            raise ConfigError(f"{prefix}._target_", callback._target_, allowed)
+
+
+def _check_per_replicate(callback: DictConfig, prefix: str, keys: frozenset[str], count: int) -> None:
+    """A callback applied to each replicate on its own: its keys among `keys`, one of its kind, a metric it has."""
+    for key in callback:
+        if key not in keys:
+            allowed = f"not supported per replicate (its keys: {', '.join(sorted(keys - HYDRA_KEYS))}); {SEQUENTIALLY}"
+            raise ConfigError(f"{prefix}.{key}", shown(callback, key), allowed)
+    if count > 1:
+        raise ConfigError(prefix, callback._target_, f"expected one monitored checkpoint per replicate; {SEQUENTIALLY}")
+    if callback.monitor not in REPLICATE_METRICS:
+        allowed = f"expected one of {', '.join(REPLICATE_METRICS)} (each replicate's own metrics)"
+        raise ConfigError(f"{prefix}.monitor", callback.monitor, allowed)
 
 
 def check_lr_find(cfg: DictConfig) -> None:

@@ -139,40 +139,28 @@ def fit_and_test(
     with setting_errors(cfg):
         tested = trainer.test(model, datamodule=datamodule, ckpt_path=best_path or None, verbose=False)[0]
 
-    if not best_path or best is None:
-        best = rows[-1] if rows else {}
-    status = Status.OK
-    if model.diverged_at is not None:
-        status = Status.DIVERGED
+    diverged = model.diverged_at is not None
+    if diverged:
         log.warning(
             "diverged: the training loss became NaN or infinite at step %d; the run stopped there and keeps "
             "the metrics of its best epoch so far (try a smaller optimizer.lr)",
             model.diverged_at,
         )
-    epochs = rows[-1]["epoch"] + 1 if rows else 0  # every epoch ends with a row (a last partial one included)
-    seconds = rows[-1]["time_s"] if rows else 0.0  # the whole training time, the part before a resume included
-    results = {
-        "status": status,
-        "error": None,
-        "metrics": {
-            **{key: value for key, value in best.items() if key.startswith(("train/", "val/"))},
-            **{key: float(value) for key, value in tested.items()},
-        },
-        "best_epoch": best.get("epoch"),
-        "best_step": best.get("step"),
-        "tested": "best" if best_path else "last",
-        "seed": cfg.seed,
-        "to_target": history.to_target(cfg.target.val_acc),
-        "epochs": epochs,
-        "steps": trainer.global_step,
-        "validations": sum("val/loss" in row for row in rows),
-        "n_train": len(split.train),
-        "n_val": len(split.val),
-        "n_test": len(split.test),
-        "batch_size": batch_size,
-        "train_samples_per_s": round(history.samples / seconds, 1) if seconds > 0 else None,
-        **({"fast_dev_run": int(trainer.fast_dev_run)} if trainer.fast_dev_run else {}),
-    }
+    results = results_of_fit(
+        rows,
+        best,
+        tested,
+        bool(best_path),
+        seed=cfg.seed,
+        steps=trainer.global_step,
+        samples=history.samples,
+        diverged=diverged,
+        split=split,
+        batch_size=batch_size,
+        to_target=history.to_target(cfg.target.val_acc),
+    )
+    if trainer.fast_dev_run:
+        results["fast_dev_run"] = int(trainer.fast_dev_run)
     if found is not None:
         results["lr_find"] = found
     confusion_png = None
@@ -193,6 +181,50 @@ def no_best_reason(cfg: DictConfig, trainer: Any) -> str:
     return "no validation ran"
 
 
+def results_of_fit(
+    rows: list[dict[str, float]],
+    best: dict[str, float] | None,
+    tested: dict[str, Any],
+    tested_best: bool,
+    *,
+    seed: int,
+    steps: int,
+    samples: int,
+    diverged: bool,
+    split: Any,
+    batch_size: int,
+    to_target: dict[str, Any],
+) -> dict[str, Any]:
+    """The results.json content of one trained model (a run's, or a replicate's trained at once): its best row (None:
+    the last one), the test metrics of its best epoch (`tested_best`) or of its last, when it reached the target, its
+    seed, epochs, optimizer steps, training samples and status."""
+    if not tested_best or best is None:
+        best = rows[-1] if rows else {}
+    epochs = rows[-1]["epoch"] + 1 if rows else 0  # every epoch ends with a row (a last partial one included)
+    seconds = rows[-1]["time_s"] if rows else 0.0  # the whole training time, the part before a resume included
+    return {
+        "status": Status.DIVERGED if diverged else Status.OK,
+        "error": None,
+        "metrics": {
+            **{key: value for key, value in best.items() if key.startswith(("train/", "val/"))},
+            **{key: float(value) for key, value in tested.items()},
+        },
+        "best_epoch": best.get("epoch"),
+        "best_step": best.get("step"),
+        "tested": "best" if tested_best else "last",
+        "seed": seed,
+        "to_target": to_target,
+        "epochs": epochs,
+        "steps": steps,
+        "validations": sum("val/loss" in row for row in rows),
+        "n_train": len(split.train),
+        "n_val": len(split.val),
+        "n_test": len(split.test),
+        "batch_size": batch_size,
+        "train_samples_per_s": round(samples / seconds, 1) if seconds > 0 else None,
+    }
+
+
 def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Validate, read the source, split it from `data.split_seed` (stratified on `data.stratify_by`, by
     `data.group_by`), and fit: one model, the k folds of `cv.folds` (each a run folder `fold_<i>/`), or the k
@@ -203,6 +235,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     from descent.data.sources import build_source
     from descent.data.splits import make_splits
     from descent.replicates import train_replicates
+    from descent.vectorized import fit_at_once
 
     validate(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -215,7 +248,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if cfg.cv.folds:
         return cross_validate(cfg, source, splits, run_dir, fit_and_test)
     if cfg.replicates > 1:
-        return train_replicates(cfg, source, splits[0], run_dir, fit_and_test)
+        at_once = fit_at_once if cfg.replicates_vectorized else None
+        return train_replicates(cfg, source, splits[0], run_dir, fit_and_test, at_once)
     return fit_and_test(cfg, source, splits[0], run_dir)
 
 

@@ -236,9 +236,25 @@ def build_trainer(
     in_sweep: bool = False,
     extra: Sequence[Any] = (),
 ) -> Any:
-    """The Trainer of `trainer.*`: the run's own callbacks (`extra` first, then the epoch history, the step losses,
-    W&B's finish on error, the run state, the signal stopper), those of `callbacks.*`, the loggers of `logger.*`, the
-    checkpoint plugins, and with `trainer.profiler: null` a profiler that costs nothing."""
+    """The Trainer of one model: `extra` first, then the epoch history and the step losses, then what
+    `trainer_with` adds."""
+    own = [*extra, history, StepLosses(run_dir / "steps.csv")]
+    return trainer_with(cfg, run_dir, own, stopper, cfg.callbacks, group, job_type, in_sweep)
+
+
+def trainer_with(
+    cfg: DictConfig,
+    run_dir: Path,
+    own: Sequence[Any],
+    stopper: GracefulStop,
+    callbacks_cfg: DictConfig | None,
+    group: str | None = None,
+    job_type: str = "train",
+    in_sweep: bool = False,
+) -> Any:
+    """The Trainer of `trainer.*`: the run's own recording callbacks (`own`), W&B's finish on error, the run state,
+    the signal stopper, then those of `callbacks_cfg`; the loggers of `logger.*`, the checkpoint plugins, and with
+    `trainer.profiler: null` a profiler that costs nothing."""
     from hydra.utils import instantiate
     from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar
 
@@ -247,13 +263,11 @@ def build_trainer(
     with setting_errors(cfg, building=True):
         loggers = build_loggers(cfg, run_dir, group, job_type)
         callbacks = [
-            *extra,
-            history,
-            StepLosses(run_dir / "steps.csv"),
+            *own,
             FinishWandbOnError(stopper),
             run_state(cfg),
             stopper,
-            *build_callbacks(cfg.callbacks, run_dir, has_logger=bool(loggers)),
+            *build_callbacks(callbacks_cfg, run_dir, has_logger=bool(loggers)),
         ]
     with setting_errors(cfg, building=True):
         trainer = instantiate(

@@ -49,6 +49,11 @@ class EpochSampler(SequentialSampler):
         self.loader.set_epoch(epoch)
 
 
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The order of an epoch's n training samples: a permutation drawn from (seed, epoch) alone."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
 class EpochLoader:
     """What Lightning needs of a loader that is not a DataLoader: a length, and `sampler.set_epoch(epoch)`, which
     its fit loop calls on every loader before an epoch; a shuffled loader is its own sampler, so the epoch reaches
@@ -111,11 +116,30 @@ class TensorBatches(EpochLoader):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         images, labels = self.images, self.labels
         if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            order = torch.randperm(len(labels), generator=generator).to(labels.device)
+            order = epoch_order(len(labels), self.seed, self.epoch).to(labels.device)
             images, labels = images[order], labels[order]
         if self.world_size > 1:
             images, labels = images[self.rank :: self.world_size], labels[self.rank :: self.world_size]
         for start, end in self._epoch_bounds():
             self.served += 1
             yield images[start:end], labels[start:end]
+
+
+class ReplicateBatches(EpochLoader):
+    """The training batches of k replicates at once: at each step a (k, B, ...) stack whose [i] is the batch that
+    TensorBatches of seed `seeds[i]` serves at that step (the same order, the same bounds).
+
+    Each step gathers its k batches from the images (never k shuffled copies of the whole training split)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, seeds: list[int]) -> None:
+        self.images, self.labels, self.seeds = images, labels, list(seeds)
+        super().__init__(batch_bounds(len(labels), batch_size), shuffle=True, seed=self.seeds[0])
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n, k = len(self.labels), len(self.seeds)
+        orders = torch.stack([epoch_order(n, seed, self.epoch) for seed in self.seeds]).to(self.labels.device)
+        for start, end in self._epoch_bounds():
+            self.served += 1
+            index = orders[:, start:end].reshape(-1)
+            images = self.images.index_select(0, index).view(k, end - start, *self.images.shape[1:])
+            yield images, self.labels.index_select(0, index).view(k, end - start)
