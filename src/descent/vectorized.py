@@ -440,9 +440,17 @@ def per_replicate(callbacks: DictConfig | None) -> tuple[list[str], DictConfig |
     return names, best, early
 
 
-def fit_at_once(cfg: DictConfig, source: Any, split: Any, run_dir: Path, indices: Sequence[int]) -> list[dict]:
+def fit_at_once(
+    cfg: DictConfig,
+    source: Any,
+    split: Any,
+    run_dir: Path,
+    indices: Sequence[int],
+    extra: Sequence[pl.Callback] = (),
+) -> list[dict]:
     """Train replicates `indices` (seeds seed + i) at once into `run_dir/replicate_<i>/`, test each one's best epoch,
-    and return each one's results.json content. The batched training state goes to `run_dir/checkpoints/last.ckpt`."""
+    and return each one's results.json content. The batched training state goes to `run_dir/checkpoints/last.ckpt`.
+    `extra` callbacks run first (a probe: a benchmark's clock, a test's hook)."""
     from omegaconf import OmegaConf
 
     from descent.config import check_batch_size
@@ -469,7 +477,7 @@ def fit_at_once(cfg: DictConfig, source: Any, split: Any, run_dir: Path, indices
     records = ReplicateRecords(dirs, best, early)
     stopper = GracefulStop(run_dir / "checkpoints" / "last.ckpt")
     shared = OmegaConf.create({name: c for name, c in (cfg.callbacks or {}).items() if name not in names})
-    trainer = trainer_with(cfg, run_dir, [records], stopper, shared, job_type="replicates", in_sweep=in_sweep())
+    trainer = trainer_with(cfg, run_dir, [*extra, records], stopper, shared, job_type="replicates", in_sweep=in_sweep())
     if trainer.num_devices != 1:
         allowed = f"expected 1: the replicates trained at once are one process on one device; {SEQUENTIALLY}"
         raise ConfigError("trainer.devices", cfg.trainer.devices, allowed)
