@@ -255,18 +255,14 @@ def uninterrupted_at_once(tmp_path_factory) -> Path:
     return run_dir
 
 
-def untimed(results: dict) -> dict:
-    """results.json without what the clock says: durations, speeds, the seconds to the target."""
-    return without_durations(results) | {"to_target": {**results["to_target"], "seconds": None}}
-
-
 def replicate_files(run_dir: Path) -> list:
     """Each replicate's results, rows and last weights (a stopped replicate's must not move after it stopped)."""
     files = []
     for folder in (run_dir / f"replicate_{i}" for i in range(3)):
         last = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
         rows = [without_time(rows_of(folder / name)) for name in ("metrics.csv", "steps.csv")]
-        files.append((untimed(results_of(folder)), *rows, {key: tensor.tolist() for key, tensor in last.items()}))
+        weights = {key: tensor.tolist() for key, tensor in last.items()}
+        files.append((without_durations(results_of(folder)), *rows, weights))
     return files
 
 
