@@ -531,8 +531,9 @@ def check_vectorized(cfg: DictConfig) -> None:
     for key in cfg.trainer:
         value = cfg.trainer[key]
         if key not in VECTORIZED_TRAINER and value not in (None, "auto", False):
-            allowed = f"not supported with the replicates trained at once ({', '.join(sorted(VECTORIZED_TRAINER - HYDRA_KEYS))}); "
-            raise ConfigError(f"trainer.{key}", shown(cfg.trainer, key), allowed + SEQUENTIALLY)
+            supported = ", ".join(sorted(VECTORIZED_TRAINER - HYDRA_KEYS))
+            allowed = f"not supported with the replicates trained at once ({supported}); {SEQUENTIALLY}"
+            raise ConfigError(f"trainer.{key}", shown(cfg.trainer, key), allowed)
     if cfg.trainer.get("min_epochs"):
         allowed = f"expected null: each replicate stops on its own when it diverges or stops early; {SEQUENTIALLY}"
         raise ConfigError("trainer.min_epochs", cfg.trainer.min_epochs, allowed)

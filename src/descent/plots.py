@@ -53,22 +53,40 @@ def ewa(values: Sequence[float], b: float, bias_correction: bool = True) -> np.n
 
 def confusion_matrix(matrix: np.ndarray, path: Path, title: str = "Test confusion matrix") -> Path:
     """Counts per (true, predicted) class, darker for more; each cell shows its count (up to 30 classes)."""
-    matrix = np.asarray(matrix)
-    n = len(matrix)
+    return confusion_matrices([matrix], [path], title)[0]
+
+
+def confusion_matrices(
+    matrices: Sequence[np.ndarray], paths: Sequence[Path], title: str = "Test confusion matrix"
+) -> list[Path]:
+    """One confusion_matrix figure for each of several matrices of the same classes (the replicates of a run), drawn
+    as one figure whose image, counts and title are updated for each: its layout is computed once, not per file."""
+    first = np.asarray(matrices[0])
+    n = len(first)
     side = min(16.0, 1.5 + 0.5 * n)
     figure, axis = plt.subplots(figsize=(side + 1.0, side))
-    image = axis.imshow(matrix, cmap="Blues")
+    image = axis.imshow(first, cmap="Blues")
+    counts = []
     if n <= MAX_ANNOTATED_CLASSES:
-        threshold = matrix.max() / 2 if matrix.size else 0
-        for (row, column), count in np.ndenumerate(matrix):
-            color = "white" if count > threshold else "black"
-            axis.text(column, row, str(int(count)), ha="center", va="center", color=color, fontsize=8)
+        counts = [axis.text(column, row, "", ha="center", va="center", fontsize=8) for row, column in np.ndindex(n, n)]
         axis.set(xticks=range(n), yticks=range(n))
     axis.set(xlabel="predicted class", ylabel="true class")
-    accuracy = np.trace(matrix) / matrix.sum() if matrix.sum() else float("nan")
-    axis.set_title(f"{title} (acc {accuracy:.3f}, n={int(matrix.sum())})")
     figure.colorbar(image, ax=axis, label="samples", fraction=0.046)
-    return save(figure, path)
+    for index, (matrix, path) in enumerate(zip(matrices, paths, strict=True)):
+        matrix = np.asarray(matrix)
+        image.set_data(matrix)
+        image.set_clim(matrix.min(), matrix.max())
+        threshold = matrix.max() / 2 if matrix.size else 0
+        for text, count in zip(counts, matrix.flat, strict=False):
+            text.set_text(str(int(count)))
+            text.set_color("white" if count > threshold else "black")
+        accuracy = np.trace(matrix) / matrix.sum() if matrix.sum() else float("nan")
+        axis.set_title(f"{title} (acc {accuracy:.3f}, n={int(matrix.sum())})")
+        if index == 0:
+            figure.tight_layout()
+        figure.savefig(path, dpi=DPI)
+    plt.close(figure)
+    return list(paths)
 
 
 def learning_curves(

@@ -455,7 +455,7 @@ def fit_at_once(
 
     from descent.config import check_batch_size
     from descent.loggers import close_loggers
-    from descent.plots import confusion_matrix
+    from descent.plots import confusion_matrices
     from descent.replicates import summarize
     from descent.resume import stop_on_signal
     from descent.sweep import in_sweep
@@ -488,7 +488,9 @@ def fit_at_once(
         classifiers.append(build_model(cfg, source, split))
         generators.append(generator_of(seed, device))
     model = BatchedClassifier(classifiers, generators)
-    threads = set_threads(cfg.threads, batch_size, model, list(source.image_shape))
+    # the threads a run of one replicate gets: the batched step is k of its small operations side by side, which a
+    # second thread splits no better, and threads that other processes keep waiting cost far more than they gain
+    threads = set_threads(cfg.threads, batch_size, classifiers[0], list(source.image_shape))
     log.info(
         "%d replicates at once (seeds %s): data=%s n_train=%d n_val=%d n_test=%d batch_size=%d threads=%d",
         len(seeds),
@@ -518,7 +520,7 @@ def fit_at_once(
     trainer.test(model, datamodule=datamodule, verbose=False)
 
     results = []
-    for j, (folder, seed) in enumerate(zip(dirs, seeds, strict=True)):
+    for j, seed in enumerate(seeds):
         history, diverged = records.histories[j], model.diverged_at[j] is not None
         if diverged:
             log.warning(
@@ -543,7 +545,7 @@ def fit_at_once(
             batch_size=batch_size,
             to_target=history.to_target(cfg.target.val_acc),
         )
-        confusion_matrix(model.confusions[j].numpy(), folder / "confusion_matrix.png")
         results.append(answer | {"vectorized": len(seeds)})
+    confusion_matrices([matrix.numpy() for matrix in model.confusions], [d / "confusion_matrix.png" for d in dirs])
     close_loggers(trainer.loggers, summarize([{**r, "seed": s} for r, s in zip(results, seeds, strict=True)]), None)
     return results
