@@ -108,7 +108,8 @@ def build_network(config: dict[str, Any], input_shape: list[int], num_classes: i
     return instantiate(config, input_shape=list(input_shape), num_classes=num_classes, _convert_="all")
 
 
-def _stage_metrics(num_classes: int) -> MetricCollection:
+def stage_metrics(num_classes: int) -> MetricCollection:
+    """One stage's loss, accuracy and macro F1 (a Classifier's, and each replicate's of a BatchedClassifier)."""
     # validate_args=False: the inputs are ours and well-formed; the checks cost more than the update itself
     return MetricCollection(
         {
@@ -140,9 +141,9 @@ class Classifier(pl.LightningModule):
         self.register_buffer("mean", torch.zeros(in_features))
         self.register_buffer("std", torch.ones(in_features))
         self.net = build_network(model, input_shape, num_classes)
-        self.train_metrics = _stage_metrics(num_classes)
-        self.val_metrics = _stage_metrics(num_classes)
-        self.test_metrics = _stage_metrics(num_classes)
+        self.train_metrics = stage_metrics(num_classes)
+        self.val_metrics = stage_metrics(num_classes)
+        self.test_metrics = stage_metrics(num_classes)
         self.test_confusion = MulticlassConfusionMatrix(num_classes, validate_args=False)
         self.confusion: torch.Tensor | None = None  # the last test's confusion matrix (rows: true, columns: predicted)
         self.diverged_at: int | None = None  # the global step whose loss was NaN or infinite

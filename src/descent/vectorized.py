@@ -31,7 +31,7 @@ from descent.callbacks import EpochHistory, GracefulStop, StepLosses
 from descent.config import SEQUENTIALLY, ConfigError
 from descent.data.batches import ReplicateBatches
 from descent.data.datamodule import ImageDataModule
-from descent.model import METRIC_FLUSH_STEPS, PENDING_KEY, Classifier, _stage_metrics
+from descent.model import METRIC_FLUSH_STEPS, PENDING_KEY, Classifier, stage_metrics
 from descent.optim import build_lr_scheduler, build_optimizer
 
 log = logging.getLogger("descent")
@@ -74,9 +74,9 @@ class BatchedClassifier(pl.LightningModule):
         self.register_buffer("std", first.std.clone())
         self.net = BatchedNet([classifier.net for classifier in classifiers], generators)
         classes = first.hparams["num_classes"]
-        self.train_metrics = nn.ModuleList(_stage_metrics(classes) for _ in classifiers)
-        self.val_metrics = nn.ModuleList(_stage_metrics(classes) for _ in classifiers)
-        self.test_metrics = nn.ModuleList(_stage_metrics(classes) for _ in classifiers)
+        self.train_metrics = nn.ModuleList(stage_metrics(classes) for _ in classifiers)
+        self.val_metrics = nn.ModuleList(stage_metrics(classes) for _ in classifiers)
+        self.test_metrics = nn.ModuleList(stage_metrics(classes) for _ in classifiers)
         self.test_confusion = nn.ModuleList(
             MulticlassConfusionMatrix(classes, validate_args=False) for _ in classifiers
         )
