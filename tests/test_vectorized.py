@@ -190,7 +190,7 @@ REFUSED = [
     (["trainer.min_epochs=3"], "trainer.min_epochs"),
     (["+callbacks.timer._target_=pytorch_lightning.callbacks.Timer"], "callbacks.timer._target_"),
     (["+callbacks.model_checkpoint.save_top_k=3"], "callbacks.model_checkpoint.save_top_k"),
-    (["+callbacks.early_stopping.check_on_train_epoch_end=true"], "callbacks.early_stopping.check_on_train_epoch_end"),
+    (["callbacks.early_stopping.check_on_train_epoch_end=true"], "callbacks.early_stopping.check_on_train_epoch_end"),
     (["callbacks.early_stopping.monitor=val/auroc"], "callbacks.early_stopping.monitor"),
     (["cv.folds=3"], "replicates"),
 ]

@@ -489,7 +489,7 @@ REPLICATE_METRICS = ("train/loss", "train/acc", "train/f1", "val/loss", "val/acc
 VECTORIZED_BEST = frozenset(
     {
         *("_target_", "filename", "monitor", "mode", "save_weights_only", "save_last", "save_top_k", "verbose"),
-        *("auto_insert_metric_name", "enable_version_counter", "every_n_epochs"),
+        *("auto_insert_metric_name", "enable_version_counter", "every_n_epochs", "save_on_train_epoch_end"),
     }
 )
 VECTORIZED_EARLY_STOPPING = frozenset(
@@ -522,9 +522,9 @@ def check_vectorized(cfg: DictConfig) -> None:
             f"{type(optimizer).__name__} is not element-wise, so one optimizer over the stacked replicates would "
             f"mix them (SGD, Adam, AdamW, RMSprop and the course's forms are); {SEQUENTIALLY}"
         )
-        raise ConfigError("optimizer._target_", cfg.optimizer._target_, allowed)
+        raise ConfigError("optimizer._target_", cfg.optimizer["_target_"], allowed)
     if cfg.scheduler is not None:
-        target = cfg.scheduler.scheduler._target_
+        target = cfg.scheduler.scheduler["_target_"]
         if issubclass(get_class(target), torch.optim.lr_scheduler.ReduceLROnPlateau):
             allowed = f"it steps the lr the replicates share from one metric, which couples them; {SEQUENTIALLY}"
             raise ConfigError("scheduler.scheduler._target_", target, allowed)
@@ -547,7 +547,7 @@ def check_vectorized(cfg: DictConfig) -> None:
     for name, callback in (cfg.callbacks or {}).items():
         if callback is None:
             continue
-        cls, prefix = get_class(callback._target_), f"callbacks.{name}"
+        cls, prefix = get_class(callback["_target_"]), f"callbacks.{name}"
         if issubclass(cls, ModelCheckpoint) and callback.get("monitor") is not None:
             best += 1
             _check_per_replicate(callback, prefix, VECTORIZED_BEST, best)
@@ -555,17 +555,20 @@ def check_vectorized(cfg: DictConfig) -> None:
                 if callback.get(key, values[0]) not in values:
                     allowed = f"expected {values[0]}: each replicate's best.ckpt holds its best weights; {SEQUENTIALLY}"
                     raise ConfigError(f"{prefix}.{key}", callback[key], allowed)
+            if callback.get("save_on_train_epoch_end"):
+                allowed = f"expected false: each replicate's best is chosen after its validation; {SEQUENTIALLY}"
+                raise ConfigError(f"{prefix}.save_on_train_epoch_end", True, allowed)
         elif issubclass(cls, EarlyStopping):
             _check_per_replicate(callback, prefix, VECTORIZED_EARLY_STOPPING, 1)
             if callback.get("check_on_train_epoch_end"):
-                allowed = f"expected null: each replicate is checked after its validation; {SEQUENTIALLY}"
+                allowed = f"expected false: each replicate is checked after its validation; {SEQUENTIALLY}"
                 raise ConfigError(f"{prefix}.check_on_train_epoch_end", True, allowed)
         elif not issubclass(cls, ModelCheckpoint | ProgressBar | LearningRateMonitor):
             allowed = (
                 "a callback of the replicates trained at once is per replicate (model_checkpoint, early_stopping) or "
                 f"sees the batched model (last_checkpoint, progress_bar, lr_monitor); {SEQUENTIALLY}"
             )
-            raise ConfigError(f"{prefix}._target_", callback._target_, allowed)
+            raise ConfigError(f"{prefix}._target_", callback["_target_"], allowed)
 
 
 def _check_per_replicate(callback: DictConfig, prefix: str, keys: frozenset[str], count: int) -> None:
@@ -575,7 +578,9 @@ def _check_per_replicate(callback: DictConfig, prefix: str, keys: frozenset[str]
             allowed = f"not supported per replicate (its keys: {', '.join(sorted(keys - HYDRA_KEYS))}); {SEQUENTIALLY}"
             raise ConfigError(f"{prefix}.{key}", shown(callback, key), allowed)
     if count > 1:
-        raise ConfigError(prefix, callback._target_, f"expected one monitored checkpoint per replicate; {SEQUENTIALLY}")
+        raise ConfigError(
+            prefix, callback["_target_"], f"expected one monitored checkpoint per replicate; {SEQUENTIALLY}"
+        )
     if callback.monitor not in REPLICATE_METRICS:
         allowed = f"expected one of {', '.join(REPLICATE_METRICS)} (each replicate's own metrics)"
         raise ConfigError(f"{prefix}.monitor", callback.monitor, allowed)

@@ -335,7 +335,7 @@ class ReplicateRecords(pl.Callback):
         for i, steps in enumerate(self.step_losses):
             if pl_module.stopped[i] is None:  # a replicate's diverged step is not in its steps.csv, as in a run's
                 steps.losses.append(losses[i])
-                steps.steps.append(trainer.global_step)
+                steps.steps.append((trainer.current_epoch, trainer.global_step))
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for steps in self.step_losses:
@@ -430,7 +430,7 @@ def per_replicate(callbacks: DictConfig | None) -> tuple[list[str], DictConfig |
     for name, callback in (callbacks or {}).items():
         if callback is None:
             continue
-        cls = get_class(callback._target_)
+        cls = get_class(callback["_target_"])
         if issubclass(cls, ModelCheckpoint) and callback.get("monitor") is not None:
             names.append(name)
             best = callback
