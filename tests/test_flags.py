@@ -225,7 +225,7 @@ FLAGS = st.lists(
 
 
 @pytest.mark.slow
-@settings(max_examples=12, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=6, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
 @given(FLAGS)
 def test_any_trainer_flags_give_a_sound_run_or_one_line(flags):
     with tempfile.TemporaryDirectory() as folder:

@@ -1,6 +1,6 @@
-"""Every Lightning callback of a run but Lightning's own (checkpoints, early stopping, the bar: conf/callbacks):
-the epoch history (metrics.csv), the step losses (steps.csv), the run state an exact resume needs, the signal stop,
-and W&B's finish on error.
+"""Every Lightning callback of a run but Lightning's own (best.ckpt, early stopping, the bar: conf/callbacks):
+the epoch history (metrics.csv), the step losses (steps.csv), last.ckpt on its cadence, the run state an exact
+resume needs, the signal stop, and W&B's finish on error.
 
 They only observe the run and write files or checkpoint state; none of them changes what a run computes.
 """
@@ -212,6 +212,50 @@ class StepLosses(pl.Callback):
                     f"{epoch},{step},{loss!r}\n" for (epoch, step), loss in zip(self.steps, losses, strict=True)
                 )
         self.losses, self.steps = [], []
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """last.ckpt, the whole training state a run resumes from: written on Lightning's cadence (`train_time_interval`,
+    `every_n_epochs` or `every_n_train_steps`, as ModelCheckpoint takes them), at the validation after which fit
+    stops, at the end of a fit that ends with its epoch, and on a signal (GracefulStop). A fit that stops mid-epoch
+    without a validation there (max_steps, max_time) keeps the cadence's last.ckpt, from which a resume is as exact."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.written_at: int | None = None  # the global step of the last full checkpoint of this fit
+
+    def path(self) -> Path:
+        return Path(self.dirpath or ".") / f"{self.filename or self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        self.written_at = trainer.global_step  # any full checkpoint: this callback's, a signal's
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if trainer.sanity_checking or trainer.fast_dev_run or trainer.state.fn != TrainerFn.FITTING:
+            return
+        last_epoch = trainer.max_epochs is not None and 0 < trainer.max_epochs <= trainer.current_epoch + 1
+        out_of_steps = 0 < trainer.max_steps <= trainer.global_step
+        if trainer.should_stop or out_of_steps or (last_epoch and not mid_epoch(trainer)):
+            self.write(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        if not trainer.fast_dev_run and not mid_epoch(trainer):  # fast_dev_run writes no checkpoint
+            self.write(trainer)
+
+    def write(self, trainer: pl.Trainer) -> None:
+        if self.written_at != trainer.global_step:
+            trainer.save_checkpoint(self.path())
+
+
+def mid_epoch(trainer: pl.Trainer) -> bool:
+    """Whether the training loader stopped before the end of its epoch (our loaders count the batches served)."""
+    loader = trainer.train_dataloader
+    served, batches = getattr(loader, "served", None), getattr(loader, "__len__", None)
+    return served is not None and batches is not None and 0 < served < batches()
 
 
 class RunState(pl.Callback):

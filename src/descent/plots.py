@@ -10,11 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
@@ -32,10 +29,16 @@ def _is_float(text: str) -> bool:
     return True
 
 
+def subplots(*grid: int, figsize: tuple[float, float], **kwargs: Any) -> tuple[Figure, Any]:
+    """A figure and its axes, as `pyplot.subplots` gives them, without pyplot: a Figure of matplotlib's object API
+    draws with the Agg canvas, registers with no GUI backend and is freed with its last reference."""
+    figure = Figure(figsize=figsize)
+    return figure, figure.subplots(*grid, **kwargs)
+
+
 def save(figure: Figure, path: Path) -> Path:
     figure.tight_layout()
     figure.savefig(path, dpi=DPI)
-    plt.close(figure)
     return path
 
 
@@ -64,7 +67,7 @@ def confusion_matrices(
     first = np.asarray(matrices[0])
     n = len(first)
     side = min(16.0, 1.5 + 0.5 * n)
-    figure, axis = plt.subplots(figsize=(side + 1.0, side))
+    figure, axis = subplots(figsize=(side + 1.0, side))
     image = axis.imshow(first, cmap="Blues")
     counts = []
     if n <= MAX_ANNOTATED_CLASSES:
@@ -85,7 +88,6 @@ def confusion_matrices(
         if index == 0:
             figure.tight_layout()
         figure.savefig(path, dpi=DPI)
-    plt.close(figure)
     return list(paths)
 
 
@@ -100,7 +102,7 @@ def learning_curves(
     """Loss and accuracy per epoch (train and val) on the left and middle; the per-step training loss, raw and
     smoothed by the bias-corrected exponentially weighted average, on the right."""
     has_steps = steps is not None and len(steps) > 0
-    figure, axes = plt.subplots(1, 3 if has_steps else 2, figsize=(15 if has_steps else 10, 4))
+    figure, axes = subplots(1, 3 if has_steps else 2, figsize=(15 if has_steps else 10, 4))
     for axis, metric in zip(axes[:2], ("loss", "acc"), strict=True):
         for stage, style in (("train", "-o"), ("val", "-s")):
             key = f"{stage}/{metric}"
@@ -124,7 +126,7 @@ def learning_curves(
 
 def fold_curves(folds: Mapping[str, Mapping[str, Sequence[float]]], path: Path, title: str) -> Path:
     """Validation loss and accuracy per epoch, one line per fold."""
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    figure, axes = subplots(1, 2, figsize=(11, 4))
     for axis, metric in zip(axes, ("val/loss", "val/acc"), strict=True):
         for name, rows in folds.items():
             if metric in rows:
@@ -146,7 +148,7 @@ def mean_std_bars(mean: Mapping[str, float], std: Mapping[str, float], path: Pat
     ]
     groups = [(label, names) for label, names in groups if names]
     widths = [max(2, len(names)) for _, names in groups]
-    figure, axes = plt.subplots(
+    figure, axes = subplots(
         1, len(groups), figsize=(1.1 * sum(widths) + 2, 4.2), squeeze=False, gridspec_kw={"width_ratios": widths}
     )
     for axis, (label, names) in zip(axes[0], groups, strict=True):
@@ -200,7 +202,7 @@ def _ordered(values: Sequence[object]) -> list[str]:
 def settings_compared(points: Sequence[SettingPoint], key: str, metric: str, path: Path, title: str) -> Path:
     """Each setting's mean of `metric` with its 95% interval (a bar) and its replicates (dots), against the swept
     `key`, one colour per series (the other swept keys), the verdict written beside each setting."""
-    figure, axis = plt.subplots(figsize=(max(6.5, 1.3 * len(points) + 3), 4.8))
+    figure, axis = subplots(figsize=(max(6.5, 1.3 * len(points) + 3), 4.8))
     ticks = _ordered([point.value for point in points])
     series = list(dict.fromkeys(point.series for point in points))
     width = 0.6 / max(1, len(series))
@@ -250,7 +252,7 @@ def banded_curves(panels: Mapping[str, Mapping[str, Band]], path: Path, title: s
     band of ±1 std over its replicates; the panels named in `log_y` on a log scale."""
     columns = min(2, len(panels))
     rows = -(-len(panels) // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(6.2 * columns, 4.2 * rows), squeeze=False)
+    figure, axes = subplots(rows, columns, figsize=(6.2 * columns, 4.2 * rows), squeeze=False)
     names = list(dict.fromkeys(name for bands in panels.values() for name in bands))
     for axis, (panel, bands) in zip(axes.flat, panels.items(), strict=False):
         for name, band in bands.items():
@@ -287,7 +289,7 @@ def trajectories(
     """The course's figures: optimizer paths over the contour lines of `loss` (torch's optimizers; torch's beside
     the course's exact forms), their loss per step, and the exponentially weighted average of `measurements` for
     each b, with (solid) and without (dashed) bias correction."""
-    figure, axes = plt.subplots(2, 2, figsize=(14, 10))
+    figure, axes = subplots(2, 2, figsize=(14, 10))
     points = np.concatenate(list(paths.values()))
     x_lo, x_hi = points[:, 0].min(), points[:, 0].max()
     y_lo, y_hi = points[:, 1].min(), points[:, 1].max()
@@ -347,7 +349,7 @@ def lr_find(
     steps (the smoothing's start, which the suggestion leaves out) in grey, the suggested lr marked with a point and
     a vertical line."""
     lrs, losses = np.asarray(lrs), np.asarray(losses)
-    figure, axis = plt.subplots(figsize=(7, 4.5))
+    figure, axis = subplots(figsize=(7, 4.5))
     axis.plot(
         lrs[: warm_up + 1], losses[: warm_up + 1], color="0.7", label=f"first {warm_up} steps (smoothing warm-up)"
     )
