@@ -248,7 +248,7 @@ class LastCheckpoint(ModelCheckpoint):
 
     def write(self, trainer: pl.Trainer) -> None:
         if self.written_at != trainer.global_step:
-            trainer.save_checkpoint(self.path())
+            trainer.save_checkpoint(self.path(), weights_only=False)
 
 
 def mid_epoch(trainer: pl.Trainer) -> bool:

@@ -12,6 +12,8 @@ its cost.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytorch_lightning as pl
@@ -108,6 +110,20 @@ def build_network(config: dict[str, Any], input_shape: list[int], num_classes: i
     return instantiate(config, input_shape=list(input_shape), num_classes=num_classes, _convert_="all")
 
 
+@contextmanager
+def partial_metrics_kept(stages: Iterable[MetricCollection]) -> Iterator[None]:
+    """Within it, the metric collections that hold partial sums (updated since their last reset) are persistent, so a
+    state_dict taken there carries them; the others stay out of it."""
+    partial = [metrics for metrics in stages if any(metric.update_count for metric in metrics.values())]
+    for metrics in partial:
+        metrics.persistent(True)
+    try:
+        yield
+    finally:
+        for metrics in partial:
+            metrics.persistent(False)
+
+
 def stage_metrics(num_classes: int) -> MetricCollection:
     """One stage's loss, accuracy and macro F1 (a Classifier's, and each replicate's of a BatchedClassifier)."""
     # validate_args=False: the inputs are ours and well-formed; the checks cost more than the update itself
@@ -187,15 +203,8 @@ class Classifier(pl.LightningModule):
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """The metric states are in it only while they hold an epoch's partial sums (a signal's mid-epoch last.ckpt);
         at an epoch's end they are reset, and their empty tensors would only make every checkpoint slower to write."""
-        stages = (self.train_metrics, self.val_metrics, self.test_metrics)
-        partial = [metrics for metrics in stages if any(metric.update_count for metric in metrics.values())]
-        for metrics in partial:
-            metrics.persistent(True)
-        try:
+        with partial_metrics_kept((self.train_metrics, self.val_metrics, self.test_metrics)):
             return super().state_dict(*args, **kwargs)
-        finally:
-            for metrics in partial:
-                metrics.persistent(False)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """A mid-epoch checkpoint (SIGTERM) carries the pending steps beside the metric states, as plain containers of

@@ -31,7 +31,7 @@ from descent.callbacks import EpochHistory, GracefulStop, StepLosses
 from descent.config import SEQUENTIALLY, ConfigError
 from descent.data.batches import ReplicateBatches
 from descent.data.datamodule import ImageDataModule
-from descent.model import METRIC_FLUSH_STEPS, PENDING_KEY, Classifier, stage_metrics
+from descent.model import METRIC_FLUSH_STEPS, PENDING_KEY, Classifier, partial_metrics_kept, stage_metrics
 from descent.optim import build_lr_scheduler, build_optimizer
 
 log = logging.getLogger("descent")
@@ -198,15 +198,8 @@ class BatchedClassifier(pl.LightningModule):
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """As Classifier.state_dict: the metric states only while they hold an epoch's partial sums."""
-        stages = [*self.train_metrics, *self.val_metrics, *self.test_metrics]
-        partial = [metrics for metrics in stages if any(metric.update_count for metric in metrics.values())]
-        for metrics in partial:
-            metrics.persistent(True)
-        try:
+        with partial_metrics_kept([*self.train_metrics, *self.val_metrics, *self.test_metrics]):
             return super().state_dict(*args, **kwargs)
-        finally:
-            for metrics in partial:
-                metrics.persistent(False)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """The pending steps (as Classifier keeps them) and which replicates stopped, when, and why."""
