@@ -28,6 +28,7 @@ GROUPS = [
     ("trainer", "max_epochs", "max_epoch", []),
     ("callbacks.early_stopping", "patience", "patiance", []),
     ("callbacks.model_checkpoint", "monitor", "monitr", []),
+    ("callbacks.last_checkpoint", "train_time_interval", "train_time_intervall", []),
     ("logger.csv", "name", "nam", []),
     ("paths", "log_dir", "logdir", []),
 ]
@@ -36,6 +37,7 @@ OPTIONAL = {
     ("optimizer", "momentum"),
     ("callbacks.early_stopping", "patience"),
     ("callbacks.model_checkpoint", "monitor"),
+    ("callbacks.last_checkpoint", "train_time_interval"),
     ("logger.csv", "name"),
 }
 

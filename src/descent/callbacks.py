@@ -220,9 +220,11 @@ class LastCheckpoint(ModelCheckpoint):
     stops, at the end of a fit that ends with its epoch, and on a signal (GracefulStop). A fit that stops mid-epoch
     without a validation there (max_steps, max_time) keeps the cadence's last.ckpt, from which a resume is as exact."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.written_at: int | None = None  # the global step of the last full checkpoint of this fit
+    written_at: int | None = None  # the global step of the last full checkpoint of this fit
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self.written_at = None
 
     def path(self) -> Path:
         return Path(self.dirpath or ".") / f"{self.filename or self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
@@ -254,8 +256,8 @@ class LastCheckpoint(ModelCheckpoint):
 def mid_epoch(trainer: pl.Trainer) -> bool:
     """Whether the training loader stopped before the end of its epoch (our loaders count the batches served)."""
     loader = trainer.train_dataloader
-    served, batches = getattr(loader, "served", None), getattr(loader, "__len__", None)
-    return served is not None and batches is not None and 0 < served < batches()
+    served = getattr(loader, "served", None)
+    return served is not None and 0 < served < len(loader)
 
 
 class RunState(pl.Callback):

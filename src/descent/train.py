@@ -111,15 +111,7 @@ def fit_and_test(
     history = EpochHistory(run_dir / "metrics.csv")
     stopper = GracefulStop(run_dir / "checkpoints" / "last.ckpt")
     trainer = build_trainer(cfg, run_dir, history, stopper, group, job_type, in_sweep=in_sweep())
-    log.info(
-        "data=%s n_train=%d n_val=%d n_test=%d batch_size=%d threads=%d",
-        source.name,
-        len(split.train),
-        len(split.val),
-        len(split.test),
-        batch_size,
-        threads,
-    )
+    log.info(data_line(source, split, batch_size, threads))
 
     with setting_errors(cfg):
         stop_on_signal(
@@ -170,6 +162,14 @@ def fit_and_test(
         confusion_png = confusion_matrix(model.confusion.numpy(), run_dir / "confusion_matrix.png")
     close_loggers(trainer.loggers, results, confusion_png)
     return results
+
+
+def data_line(source: Any, split: Any, batch_size: int, threads: int) -> str:
+    """What a fit trains on, as its log line says it: the data, the split's sizes, the batch size and the threads."""
+    return (
+        f"data={source.name} n_train={len(split.train)} n_val={len(split.val)} n_test={len(split.test)} "
+        f"batch_size={batch_size} threads={threads}"
+    )
 
 
 def no_best_reason(cfg: DictConfig, trainer: Any) -> str:

@@ -452,7 +452,7 @@ def fit_at_once(
     from descent.replicates import summarize
     from descent.resume import stop_on_signal
     from descent.sweep import in_sweep
-    from descent.train import build_model, results_of_fit
+    from descent.train import build_model, data_line, results_of_fit
     from descent.trainer import set_threads, trainer_with
 
     batch_size = check_batch_size(cfg.data.batch_size, len(split.train), cfg.model.get("batch_norm", False))
@@ -485,15 +485,10 @@ def fit_at_once(
     # second thread splits no better, and threads that other processes keep waiting cost far more than they gain
     threads = set_threads(cfg.threads, batch_size, classifiers[0], list(source.image_shape))
     log.info(
-        "%d replicates at once (seeds %s): data=%s n_train=%d n_val=%d n_test=%d batch_size=%d threads=%d",
+        "%d replicates at once (seeds %s): %s",
         len(seeds),
         ", ".join(map(str, seeds)),
-        source.name,
-        len(split.train),
-        len(split.val),
-        len(split.test),
-        batch_size,
-        threads,
+        data_line(source, split, batch_size, threads),
     )
     stop_on_signal(
         lambda: trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True), stopper
