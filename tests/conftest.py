@@ -1,4 +1,5 @@
-"""Shared helpers: run the real train.py / eval.py through Hydra in a subprocess, with one torch thread."""
+"""Shared helpers: run the real train.py / eval.py through Hydra in a process of their own, with one torch thread
+(forked from a server that has imported torch and Lightning once: tests/forked.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import forked
 import pytest
 from hydra import compose, initialize_config_dir
 
@@ -25,7 +27,13 @@ ENV = {
 FAST = ["trainer.max_epochs=2", "callbacks.progress_bar=null"]
 
 
+IN_SUBPROCESS = os.environ.get("DESCENT_TESTS_IN_SUBPROCESS") == "1"  # every script a plain `python SCRIPT`
+
+
 def run_script(script: str, *overrides: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """`python SCRIPT OVERRIDES` in `cwd` with ENV, as a process of its own; its exit code, stdout and stderr."""
+    if not IN_SUBPROCESS:
+        return forked.run(ROOT / script, list(overrides), cwd, ENV, timeout=600)
     return subprocess.run(
         [sys.executable, str(ROOT / script), *overrides],
         cwd=cwd,

@@ -6,12 +6,11 @@ from __future__ import annotations
 import csv
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ENV, FAST, ROOT, results_of
+from conftest import FAST, results_of, run_script
 from scipy import stats
 from sklearn.datasets import load_digits
 
@@ -23,8 +22,7 @@ ONE_EPOCH = ["trainer.max_epochs=1", "callbacks.progress_bar=null"]
 
 
 def sweep(sweep_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, str(ROOT / "train.py"), "-m", *FAST, f"hydra.sweep.dir={sweep_dir}", *overrides]
-    return subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    return run_script("train.py", "-m", *FAST, f"hydra.sweep.dir={sweep_dir}", *overrides)
 
 
 def settings_csv(sweep_dir: Path) -> list[dict[str, str]]:
@@ -121,8 +119,12 @@ def test_a_sweep_over_seeds_shares_one_split_and_answers_with_intervals_and_pair
         "target.val_acc=0.9",
     )
     assert process.returncode == 0, process.stderr
-    splits = [np.load(path) for path in sorted(tmp_path.glob("*/split.npz"))]
+    splits_paths = sorted(tmp_path.glob("*/split.npz"))
+    splits = [np.load(path) for path in splits_paths]
     assert len(splits) == 9 and all(np.array_equal(s["test"], splits[0]["test"]) for s in splits)  # one split
+    # the jobs keep their confusion matrices as numbers: scripts/report.py draws them
+    assert not list(tmp_path.glob("*/confusion_matrix.png"))
+    assert all(np.asarray(results_of(p.parent)["confusion"]).sum() == len(splits[0]["test"]) for p in splits_paths)
     rows = {row["optimizer"]: row for row in settings_csv(tmp_path)}
     assert set(rows) == {"adam", "adamw", "sgd"} and {row["n"] for row in rows.values()} == {"3"}
     best = [name for name, row in rows.items() if row["verdict"] == "best"]
@@ -185,8 +187,6 @@ def test_replicates_train_on_one_split_and_report_their_mean_and_interval(train,
         len(set(accuracies)) > 1
         or len({results_of(run_dir / f"replicate_{i}")["metrics"]["val/loss"] for i in range(3)}) == 3
     )  # other seeds, other models
-    report = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "report.py"), str(run_dir)], env=ENV, capture_output=True, text=True
-    )
+    report = run_script("scripts/report.py", str(run_dir))
     assert report.returncode == 0, report.stderr
     assert (run_dir / "curves.png").is_file() and "3 replicates" in (run_dir / "report.md").read_text()

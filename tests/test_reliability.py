@@ -270,6 +270,29 @@ def test_a_diverging_run_stops_at_once_says_so_once_and_exits_0(train):
     assert "returned `None`" not in output and "Traceback" not in output
 
 
+def test_a_fused_optimizer_skips_the_non_finite_step_on_the_device_and_the_run_stops_soon_after(train, tmp_path):
+    # Adam at lr 1e30: its first step sends the weights to ~1e30, so the loss of step 1 is not finite; the flag is
+    # read 16 batches later, every step between is skipped by the fused kernel, and none of them is counted
+    diverging = ("optimizer=adam", "optimizer.lr=1e30", "trainer.max_epochs=2", "callbacks.progress_bar=null")
+    process, run_dir = train(*diverging, run_dir=tmp_path / "diverged")
+    assert process.returncode == 0, process.stderr
+    results = results_of(run_dir)
+    assert results["status"] == "diverged" and results["steps"] == 2  # steps 0 and 1, the skipped one counted
+    assert "at step 1;" in process.stdout + process.stderr
+    assert [row["step"] for row in rows_of(run_dir)] == ["2"]
+    assert (run_dir / "steps.csv").read_text().splitlines()[1:][-1].startswith("0,1,")  # step 0's loss, alone
+    assert len((run_dir / "steps.csv").read_text().splitlines()) == 2
+
+    process, one_dir = train(*diverging, "+trainer.max_steps=1", run_dir=tmp_path / "one")
+    assert process.returncode == 0, process.stderr
+    kept, after_one = (torch.load(d / "checkpoints" / "last.ckpt", weights_only=True) for d in (run_dir, one_dir))
+    assert after_one["global_step"] == 1  # max_steps stops mid-epoch: last.ckpt is written at that batch
+    weights = [key for key in after_one["state_dict"] if key.endswith(("weight", "bias"))]
+    assert weights and all(torch.equal(kept["state_dict"][key], after_one["state_dict"][key]) for key in weights)
+    adam_steps = [state["step"].item() for state in kept["optimizer_states"][0]["state"].values()]
+    assert adam_steps and set(adam_steps) == {1.0}  # Adam's own count did not move either
+
+
 def test_checkpoints_load_with_weights_only_and_last_carries_the_rng_states(train, tmp_path):
     process, run_dir = train(*SMALL)
     assert process.returncode == 0, process.stderr
@@ -360,6 +383,30 @@ def test_background_writes_land_in_order_before_a_load(tmp_path):
     io.teardown()
     assert sorted(os.listdir(tmp_path)) == ["last.ckpt"]
     assert torch.load(tmp_path / "last.ckpt", weights_only=True) == {"epoch": 5}
+
+
+def test_weights_only_checkpoints_wait_in_memory_until_a_full_one_or_the_end(tmp_path):
+    io = BackgroundCheckpointIO()
+    weights = {"net.weight": torch.zeros(3)}
+    io.save_checkpoint({"state_dict": weights, "epoch": 0}, tmp_path / "best.ckpt")
+    weights["net.weight"].fill_(7.0)  # training goes on: the kept copy must not move with it
+    io.wait()
+    assert not (tmp_path / "best.ckpt").exists()  # an improvement is not a file write
+    kept = io.load_checkpoint(tmp_path / "best.ckpt", weights_only=True)  # the test reads it from memory
+    assert kept["epoch"] == 0 and torch.equal(kept["state_dict"]["net.weight"], torch.zeros(3))
+
+    io.save_checkpoint({"state_dict": weights, "epoch": 1}, tmp_path / "best.ckpt")
+    io.save_checkpoint({"state_dict": weights, "optimizer_states": [], "epoch": 1}, tmp_path / "last.ckpt")
+    io.wait()  # a full checkpoint takes the kept best with it, written first: the two files agree
+    on_disk = torch.load(tmp_path / "best.ckpt", weights_only=True)
+    assert on_disk["epoch"] == 1 and torch.equal(on_disk["state_dict"]["net.weight"], torch.full((3,), 7.0))
+
+    io.save_checkpoint({"state_dict": {"net.weight": torch.ones(3)}, "epoch": 2}, tmp_path / "best.ckpt")
+    io.save_checkpoint({"state_dict": weights, "epoch": 2}, tmp_path / "other.ckpt")
+    io.remove_checkpoint(tmp_path / "other.ckpt")
+    io.teardown()  # the end of fit or test writes what is kept
+    assert torch.load(tmp_path / "best.ckpt", weights_only=True)["epoch"] == 2
+    assert sorted(os.listdir(tmp_path)) == ["best.ckpt", "last.ckpt"]
 
 
 @pytest.mark.parametrize("kind", ["in memory", "streamed"])

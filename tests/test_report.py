@@ -50,6 +50,7 @@ def test_a_run_writes_its_confusion_matrix_and_every_step_loss(trained_run):
     results = results_of(trained_run)
     with Image.open(trained_run / "confusion_matrix.png") as image:
         assert image.width > 300
+    assert np.asarray(results["confusion"]).sum() == results["n_test"]  # the numbers the image shows
     with open(trained_run / "steps.csv") as file:
         rows = list(csv.DictReader(file))
     assert [int(row["step"]) for row in rows] == list(range(1, results["steps"] + 1))
@@ -92,6 +93,7 @@ def test_sweep_report_answers_per_setting_and_never_plots_against_the_seed(train
         copy_run(trained_run, sweep_dir / str(job), [f"data.batch_size={batch_size}", f"seed={seed}"], shift)
         results = results_of(sweep_dir / str(job))
         (sweep_dir / str(job) / "results.json").write_text(json.dumps({**results, "seed": seed}))
+        (sweep_dir / str(job) / "confusion_matrix.png").unlink()  # a sweep's job leaves it to the report
     (sweep_dir / "6").mkdir()  # a failed job leaves only its results.json
     failed = {"status": "failed", "error": "ValueError: boom", "overrides": ["data.batch_size=64", "seed=1"]}
     (sweep_dir / "6" / "results.json").write_text(json.dumps(failed))
@@ -104,6 +106,9 @@ def test_sweep_report_answers_per_setting_and_never_plots_against_the_seed(train
     assert "| batch_size=32 | 3 |" in report and "| batch_size=full | 3 |" in report  # a row per setting
     assert not list(sweep_dir.glob("*seed*.png")) and "seed" not in "".join(p.name for p in sweep_dir.glob("*.png"))
     assert "Failed jobs: 6" in report and (sweep_dir / "settings.csv").is_file()
+    for job in range(6):  # drawn from each job's results.json
+        with Image.open(sweep_dir / str(job) / "confusion_matrix.png") as image:
+            assert image.width > 300 and np.asarray(image.convert("L")).std() > 10
 
 
 def test_report_refuses_a_folder_that_is_neither_a_run_nor_a_sweep(tmp_path):

@@ -243,3 +243,24 @@ def test_bench_prints_the_table_and_ends_with_the_ratio_line():
     for size in ("1", "32", "256", "full"):
         row = rf" +{size} +\d+ +\d\.\d+ \(\dt\) +\d\.\d+ +\d\.\d+ \(\dt\) +[\d,]+( +\d+\.\d\d){{2}} +<= "
         assert any(re.match(row, line) for line in lines), process.stdout  # plain, bare, descent; bare ratio, ratio
+
+
+@pytest.mark.parametrize(("optimizer", "reads"), [("adam", 3), ("sgd", 34)])
+def test_the_divergence_flag_is_read_on_the_host_only_every_16_batches_when_the_step_skips_on_the_device(
+    tmp_path, monkeypatch, optimizer, reads
+):
+    from descent.train import build_datamodule, build_model
+
+    cfg = compose_train(f"optimizer={optimizer}", "trainer.max_epochs=1", "logger=none", "callbacks.progress_bar=null")
+    source = build_source(cfg.data)
+    split = train_val_test(source.labels, tuple(cfg.data.split), cfg.data.split_seed)
+    model = build_model(cfg, source, split)
+    counted = []
+    read = Classifier.read_divergence
+    monkeypatch.setattr(Classifier, "read_divergence", lambda self: counted.append(1) or read(self))
+    trainer = build_trainer(cfg, tmp_path, EpochHistory(tmp_path / "m.csv"), GracefulStop(tmp_path / "l"))
+    torch.set_num_threads(1)
+    trainer.fit(model, datamodule=build_datamodule(cfg, source, split, cfg.data.batch_size))
+    assert trainer.num_training_batches == 34
+    # fused Adam: at batches 16, 32 and the epoch's last; torch's SGD cannot skip a step itself: every batch
+    assert len(counted) == reads and model.diverged_at is None

@@ -19,8 +19,10 @@ from descent.sweep import claim_gpu, finished_results
 
 
 def sweep(sweep_dir: Path, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    if env is None:
+        return run_script("train.py", "-m", *FAST, f"hydra.sweep.dir={sweep_dir}", *overrides)
     command = [sys.executable, str(ROOT / "train.py"), "-m", *FAST, f"hydra.sweep.dir={sweep_dir}", *overrides]
-    return subprocess.run(command, cwd=ROOT, env=env or ENV, capture_output=True, text=True, timeout=600)
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
 def summary_rows(sweep_dir: Path) -> list[dict]:

@@ -69,15 +69,8 @@ def test_each_replicates_batches_are_those_of_its_seeds_run():
 @pytest.mark.slow
 def test_replicates_trained_at_once_equal_runs_of_their_seeds_and_feed_the_settings_table(tmp_path):
     sweep_dir = tmp_path / "sweep"
-    command = [sys.executable, str(ROOT / "train.py"), "-m", f"hydra.sweep.dir={sweep_dir}"]
-    process = subprocess.run(
-        [*command, "replicates_vectorized=false,true", "replicates=3", *SMALL, *EARLY],
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    overrides = ["replicates_vectorized=false,true", "replicates=3", *SMALL, *EARLY]
+    process = run_script("train.py", "-m", f"hydra.sweep.dir={sweep_dir}", *overrides)
     assert process.returncode == 0, process.stderr
     sequential, at_once = sweep_dir / "0", sweep_dir / "1"
     assert results_of(sequential)["replicates"][0]["dir"] == "replicate_0" and not (sequential / "checkpoints").exists()

@@ -28,6 +28,13 @@ INTEGER_COLUMNS = ("epoch", "step")  # written as ints in metrics.csv
 STATE_KEY = "descent"  # where RunState's entry sits under checkpoint["callbacks"]
 
 
+def steps_taken(trainer: pl.Trainer, pl_module: pl.LightningModule) -> int:
+    """The optimizer steps a run has taken: Lightning's count, less those a diverged Classifier skipped after its
+    non-finite loss (its `diverged_at`) until it read it."""
+    diverged = getattr(pl_module, "diverged_at", None)
+    return trainer.global_step if not isinstance(diverged, int) else min(trainer.global_step, diverged + 1)
+
+
 class EpochHistory(pl.Callback):
     """Records the metrics of each validation, and of each epoch that ends without one, and writes `metrics.csv` as
     it goes, whatever the logger. A row's train metrics are those of the batches since the previous row (the epoch,
@@ -64,20 +71,20 @@ class EpochHistory(pl.Callback):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
             return
-        self.add(trainer, trainer.callback_metrics)
+        self.add(trainer, pl_module, trainer.callback_metrics)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """An epoch that ends without validation (trainer.check_val_every_n_epoch, val_check_interval, max_steps)
         gets a row of its train metrics, asked of the module (Lightning calls this hook before the module's own)."""
-        if self.rows and self.rows[-1]["step"] == trainer.global_step:
+        if self.rows and self.rows[-1]["step"] == steps_taken(trainer, pl_module):
             return  # the epoch ended with a validation, whose row has its train metrics
         values = getattr(pl_module, "train_metrics_since_validation", dict)()
         if values:
-            self.add(trainer, values)
+            self.add(trainer, pl_module, values)
 
-    def add(self, trainer: pl.Trainer, logged: Mapping[str, Any]) -> None:
-        """A row at the trainer's epoch and step; DDP: the other ranks hold the same synced rows."""
-        self.record(trainer.current_epoch, trainer.global_step, logged, trainer.is_global_zero)
+    def add(self, trainer: pl.Trainer, pl_module: pl.LightningModule, logged: Mapping[str, Any]) -> None:
+        """A row at the trainer's epoch and the steps taken; DDP: the other ranks hold the same synced rows."""
+        self.record(trainer.current_epoch, steps_taken(trainer, pl_module), logged, trainer.is_global_zero)
 
     def record(self, epoch: int, step: int, logged: Mapping[str, Any], write: bool = True) -> None:
         """Add the row of a validation (or of an epoch without one) from its metrics (the COLUMNS it has) and append
@@ -162,7 +169,8 @@ class StepLosses(pl.Callback):
     The losses stay on the device and are read back in one transfer at each epoch's end and before each full
     checkpoint (so that steps.csv holds every step up to a checkpoint a run may resume from): no per-step
     synchronisation and no per-step `self.log`. A resume keeps the rows up to its checkpoint's step
-    (`descent.resume.carry_over`) and appends the rest.
+    (`descent.resume.carry_over`) and appends the rest. The rows end before the first NaN or infinite loss: that
+    step, and those skipped after it until the run stopped (Classifier.training_step), were not taken.
     """
 
     def __init__(self, path: Path) -> None:
@@ -171,6 +179,7 @@ class StepLosses(pl.Callback):
         self.steps: list[tuple[int, int]] = []  # (epoch, step) of each loss
         self.window: list[torch.Tensor] = []  # the losses of the batches since the last optimizer step
         self.stepped = False
+        self.ended = False  # a non-finite loss was read: no step after it is a row
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero and (trainer.ckpt_path is None or not self.path.is_file()):  # a resume appends
@@ -205,26 +214,34 @@ class StepLosses(pl.Callback):
         self.write(trainer)  # an interrupted epoch keeps its steps so far; a resume appends the rest
 
     def write(self, trainer: pl.Trainer) -> None:
-        if trainer.is_global_zero and self.losses:  # DDP: steps.csv holds the losses of rank 0's batches
+        if trainer.is_global_zero and self.losses and not self.ended:  # DDP: the losses of rank 0's batches
             losses = torch.stack(self.losses).tolist()
+            taken = next((i for i, loss in enumerate(losses) if not math.isfinite(loss)), len(losses))
+            self.ended = taken < len(losses)
+            rows = zip(self.steps[:taken], losses[:taken], strict=True)
             with open(self.path, "a") as file:
-                file.writelines(
-                    f"{epoch},{step},{loss!r}\n" for (epoch, step), loss in zip(self.steps, losses, strict=True)
-                )
+                file.writelines(f"{epoch},{step},{loss!r}\n" for (epoch, step), loss in rows)
         self.losses, self.steps = [], []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ended": self.ended}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.ended = bool(state_dict.get("ended", False))
 
 
 class LastCheckpoint(ModelCheckpoint):
     """last.ckpt, the whole training state a run resumes from: written on Lightning's cadence (`train_time_interval`,
     `every_n_epochs` or `every_n_train_steps`, as ModelCheckpoint takes them), at the validation after which fit
-    stops, at the end of a fit that ends with its epoch, and on a signal (GracefulStop). A fit that stops mid-epoch
-    without a validation there (max_steps, max_time) keeps the cadence's last.ckpt, from which a resume is as exact."""
+    stops, at the batch after which it stops mid-epoch (max_steps, max_time, a divergence), at the end of a fit
+    that ends with its epoch, and on a signal (GracefulStop)."""
 
-    written_at: int | None = None  # the global step of the last full checkpoint of this fit
+    written_at: tuple[int, int] | None = None  # (global step, validations) of the last full checkpoint of this fit
+    validations = 0  # of this fit
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
-        self.written_at = None
+        self.written_at, self.validations = None, 0
 
     def path(self) -> Path:
         return Path(self.dirpath or ".") / f"{self.filename or self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
@@ -232,15 +249,24 @@ class LastCheckpoint(ModelCheckpoint):
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        self.written_at = trainer.global_step  # any full checkpoint: this callback's, a signal's
+        self.written_at = (trainer.global_step, self.validations)  # any full checkpoint: this callback's, a signal's
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if trainer.fast_dev_run or not mid_epoch(trainer):  # fast_dev_run writes no checkpoint
+            return
+        if out_of_steps(trainer) or (trainer.should_stop and can_stop(trainer)):
+            self.write(trainer)  # a validation may still follow: it writes again
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)
         if trainer.sanity_checking or trainer.fast_dev_run or trainer.state.fn != TrainerFn.FITTING:
             return
+        self.validations += 1
         last_epoch = trainer.max_epochs is not None and 0 < trainer.max_epochs <= trainer.current_epoch + 1
-        out_of_steps = 0 < trainer.max_steps <= trainer.global_step
-        if trainer.should_stop or out_of_steps or (last_epoch and not mid_epoch(trainer)):
+        if trainer.should_stop or out_of_steps(trainer) or (last_epoch and not mid_epoch(trainer)):
             self.write(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -249,8 +275,20 @@ class LastCheckpoint(ModelCheckpoint):
             self.write(trainer)
 
     def write(self, trainer: pl.Trainer) -> None:
-        if self.written_at != trainer.global_step:
+        if self.written_at != (trainer.global_step, self.validations):
             trainer.save_checkpoint(self.path(), weights_only=False)
+
+
+def out_of_steps(trainer: pl.Trainer) -> bool:
+    return 0 < trainer.max_steps <= trainer.global_step
+
+
+def can_stop(trainer: pl.Trainer) -> bool:
+    """Whether a `trainer.should_stop` ends fit now: `trainer.min_epochs` and `min_steps` are met (Lightning's rule)."""
+    loop = trainer.fit_loop
+    return loop.epoch_progress.current.processed >= (loop.min_epochs or 0) and trainer.global_step >= (
+        loop.min_steps or 0
+    )
 
 
 def mid_epoch(trainer: pl.Trainer) -> bool:

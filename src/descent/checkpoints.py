@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 from lightning_fabric.plugins import TorchCheckpointIO
+from lightning_utilities.core.apply_func import apply_to_collection
 
 from descent.files import write_atomically
 
@@ -56,6 +57,11 @@ def set_rng_states(states: dict[str, Any]) -> None:
     random.setstate((python_state["version"], tuple(python_state["state"].tolist()), python_state["gauss"]))
 
 
+def holds_weights_only(checkpoint: dict[str, Any]) -> bool:
+    """Whether a checkpoint is a model's weights without a training state to resume (best.ckpt's kind)."""
+    return "state_dict" in checkpoint and "optimizer_states" not in checkpoint
+
+
 def serialized(checkpoint: dict[str, Any]) -> memoryview:
     """The checkpoint as torch.save writes it, in memory: a snapshot that training can no longer change."""
     buffer = io.BytesIO()
@@ -78,6 +84,11 @@ class BackgroundCheckpointIO(AtomicCheckpointIO):
     removals; a load, and the end of fit or test, wait for the writes queued before them. A write's error is raised
     at the next save, load or teardown.
 
+    A checkpoint of weights only (best.ckpt, each time val/acc improves) is kept in memory instead, as a copy of its
+    tensors: it is written just before the next full checkpoint (last.ckpt, on its cadence or on a signal, so that
+    the files on disk always agree with each other) and at the end of fit or test, and a load of its path (the test
+    of the best weights) gets it from memory.
+
     Written by hand because Lightning's AsyncCheckpointIO first copies the checkpoint with apply_to_collection, which
     walks all of it in Python, then pickles it in its thread while training wants the GIL; here the thread only writes
     bytes, which releases the GIL (docs/speed.md has the measured A/B).
@@ -87,14 +98,34 @@ class BackgroundCheckpointIO(AtomicCheckpointIO):
         super().__init__()
         self._executor: ThreadPoolExecutor | None = None
         self._error: BaseException | None = None
+        self._kept: dict[Path, dict[str, Any]] = {}  # the weights-only checkpoints, by path
+        self._unwritten: dict[Path, None] = {}  # those of them not on disk yet, in the order they came
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
-        self._submit(write_atomically, Path(path), serialized(checkpoint))
+        path = Path(path)
+        if holds_weights_only(checkpoint):
+            self._kept[path] = apply_to_collection(checkpoint, torch.Tensor, lambda tensor: tensor.detach().clone())
+            self._unwritten[path] = None
+            return
+        self.write_kept()
+        self._kept.pop(path, None)
+        self._submit(write_atomically, path, serialized(checkpoint))
+
+    def write_kept(self) -> None:
+        """Queue the writes of the weights-only checkpoints kept since the last full one."""
+        for path in self._unwritten:
+            self._submit(write_atomically, path, serialized(self._kept[path]))
+        self._unwritten.clear()
 
     def remove_checkpoint(self, path: Any) -> None:
+        self._kept.pop(Path(path), None)
+        self._unwritten.pop(Path(path), None)
         self._submit(super().remove_checkpoint, path)
 
     def load_checkpoint(self, path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        kept = self._kept.get(Path(path))
+        if kept is not None:
+            return dict(kept)  # a new dict: a loader may add or pop keys; the tensors are copied by load_state_dict
         self.wait()
         return super().load_checkpoint(path, *args, **kwargs)
 
@@ -105,6 +136,7 @@ class BackgroundCheckpointIO(AtomicCheckpointIO):
         self._raise_error()
 
     def teardown(self) -> None:
+        self.write_kept()
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None

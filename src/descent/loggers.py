@@ -94,6 +94,11 @@ def previous_wandb_run(run_dir: Path) -> str | None:
     return runs[-1].name.rsplit("-", 1)[1] if runs else None
 
 
+def logs_images(loggers: list[Any]) -> bool:
+    """Whether one of the loggers takes the run's figures (W&B: the confusion matrix)."""
+    return any(isinstance(logger, WandbLogger) for logger in loggers)
+
+
 def close_loggers(loggers: list[Any], results: dict[str, Any], confusion_png: Path | None) -> None:
     """Give W&B the best epoch's summary and the confusion matrix, then finish the run with the run's exit code
     (0 for ok or diverged, 1 otherwise) and say how to upload an offline run."""

@@ -28,6 +28,8 @@ from descent.optim import build_lr_scheduler, build_optimizer
 
 METRIC_FLUSH_STEPS = 256  # bounds what waits for torchmetrics to 256 batches of predictions and labels
 PENDING_KEY = "descent_pending_steps"  # where a mid-epoch checkpoint keeps the steps torchmetrics has not seen
+DIVERGENCE_KEY = "descent_nonfinite"  # where a checkpoint taken after a non-finite loss, not yet read, keeps it
+DIVERGENCE_READ_EVERY = 16  # batches between two host reads of the divergence flag, when the step skips on the device
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
@@ -103,6 +105,13 @@ class CNN(nn.Module):
         return self.head(self.features(x.view(len(x), *self.input_shape)).flatten(1))
 
 
+def skips_on_device(optimizer: Any, precision: str) -> bool:
+    """Whether the optimizer skips a step on the device when told its gradients are not finite: torch's fused
+    implementations read a `found_inf` tensor (GradScaler's protocol), unless GradScaler itself (16-bit mixed
+    precision) sets it."""
+    return bool(optimizer.defaults.get("fused")) and precision not in ("16-mixed", "16")
+
+
 def build_network(config: dict[str, Any], input_shape: list[int], num_classes: int) -> nn.Module:
     """The network of a `model` config (its `_target_`: MLP or CNN) for images of `input_shape`."""
     from hydra.utils import instantiate
@@ -163,6 +172,9 @@ class Classifier(pl.LightningModule):
         self.test_confusion = MulticlassConfusionMatrix(num_classes, validate_args=False)
         self.confusion: torch.Tensor | None = None  # the last test's confusion matrix (rows: true, columns: predicted)
         self.diverged_at: int | None = None  # the global step whose loss was NaN or infinite
+        # on the device: whether a training loss was NaN or infinite, and the global step of the first one
+        self.register_buffer("nonfinite", torch.zeros((), dtype=torch.bool), persistent=False)
+        self.register_buffer("nonfinite_step", torch.zeros((), dtype=torch.long), persistent=False)
         # per stage: (per-sample losses, predictions, labels) of the steps torchmetrics has not seen yet
         self._pending: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {
             stage: [] for stage in ("train", "val", "test")
@@ -209,10 +221,13 @@ class Classifier(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """A mid-epoch checkpoint (SIGTERM) carries the pending steps beside the metric states, as plain containers of
         tensors outside the state_dict (which holds tensors only): the resumed run's flushes then fall on the same
-        steps as an uninterrupted run's, so the epoch's float sums come out bit for bit the same."""
+        steps as an uninterrupted run's, so the epoch's float sums come out bit for bit the same. A non-finite loss
+        not read yet goes with it too, so that the resumed run stops where the uninterrupted one does."""
         pending = {stage: list(steps) for stage, steps in self._pending.items() if steps}
         if pending:
             checkpoint[PENDING_KEY] = pending
+        if self.diverged_at is None and bool(self.nonfinite):
+            checkpoint[DIVERGENCE_KEY] = self.nonfinite_step.clone()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         device = self.mean.device
@@ -220,15 +235,33 @@ class Classifier(pl.LightningModule):
         self._pending = {
             stage: [tuple(part.to(device) for part in step) for step in saved.get(stage, [])] for stage in self._pending
         }
+        if DIVERGENCE_KEY in checkpoint:
+            self.nonfinite.fill_(True)
+            self.nonfinite_step.copy_(checkpoint[DIVERGENCE_KEY])
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+        """The batch's mean loss. The first NaN or infinite one stops the run, its step not applied: the weights
+        stay those of the last finite step. With an optimizer that skips its step on the device (torch's fused
+        ones, through the `found_inf` tensor they take from GradScaler), the check needs no host read per step:
+        every later step is skipped too, and the flag is read every DIVERGENCE_READ_EVERY batches and at the
+        epoch's last one. Otherwise it is read at each step (a synchronisation on a GPU) and the step not taken."""
         loss = self._step(batch, "train")
-        if not torch.isfinite(loss):
-            # stop at once and skip this update: the weights stay those of the last finite step
-            self.diverged_at = self.global_step
-            self.trainer.should_stop = True
-            return None
+        self.nonfinite_step.copy_(torch.where(self.nonfinite, self.nonfinite_step, self.global_step))
+        self.nonfinite |= ~torch.isfinite(loss)
+        optimizer = self.optimizers(use_pl_optimizer=False)
+        if not skips_on_device(optimizer, self.trainer.precision):
+            return None if self.read_divergence() else loss
+        optimizer.found_inf = self.nonfinite.float()  # 1: the fused step changes neither weights nor state
+        if (batch_idx + 1) % DIVERGENCE_READ_EVERY == 0 or batch_idx + 1 == self.trainer.num_training_batches:
+            self.read_divergence()
         return loss
+
+    def read_divergence(self) -> bool:
+        """Read the divergence flag on the host; on the first non-finite loss, record its step and stop the run."""
+        if self.diverged_at is None and bool(self.nonfinite):
+            self.diverged_at = int(self.nonfinite_step)
+            self.trainer.should_stop = True
+        return self.diverged_at is not None
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._step(batch, "val")

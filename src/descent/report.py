@@ -38,6 +38,20 @@ def _image(path: Path, alt: str) -> str:
     return f"![{alt}]({path.name})"
 
 
+def draw_missing_confusions(folders: list[Path]) -> None:
+    """confusion_matrix.png in each run folder that has none yet, from its results.json's `confusion` (a sweep's
+    jobs leave it to the report: descent.train.draws_confusion_now), one figure per number of classes."""
+    from descent import plots
+
+    missing: dict[int, list[tuple[np.ndarray, Path]]] = {}
+    for folder in folders:
+        matrix = (read_results(folder) or {}).get("confusion")
+        if matrix and not (folder / "confusion_matrix.png").is_file():
+            missing.setdefault(len(matrix), []).append((np.asarray(matrix), folder / "confusion_matrix.png"))
+    for pairs in missing.values():
+        plots.confusion_matrices([matrix for matrix, _ in pairs], [path for _, path in pairs])
+
+
 def report_run(run_dir: Path, b: float = 0.9) -> Path:
     """learning_curves.png (loss and accuracy per epoch, the per-step training loss and its bias-corrected EWA)
     and report.md with the best epoch's numbers."""
@@ -78,6 +92,7 @@ def report_run(run_dir: Path, b: float = 0.9) -> Path:
                 f"Right: the training loss of every step (grey) and its exponentially weighted average "
                 f"v_t = {b} v_(t-1) + {1 - b:.2g} y_t, divided by 1 - {b}^t (bias correction).",
             ]
+    draw_missing_confusions([run_dir])
     if (run_dir / "confusion_matrix.png").is_file():
         lines += ["", "## Test confusion matrix", "", _image(run_dir / "confusion_matrix.png", "confusion matrix")]
     return _write(run_dir, lines)
@@ -197,6 +212,7 @@ def report_sweep(sweep_dir: Path, b: float = 0.9) -> Path:
         name = label_of.get(setting_of(overrides_of(path, results)))
         if name is not None:
             folders.setdefault(name, []).extend(replicate_folders(path, results))
+    draw_missing_confusions([folder for group in folders.values() for folder in group])
     swept = [
         key
         for key in (rows[0] if rows else {})
@@ -266,6 +282,7 @@ def report_replicates(run_dir: Path, b: float = 0.9) -> Path:
             [[e["dir"], e["seed"], e["status"], *((e.get("metrics") or {}).get(m) for m in names)] for e in entries],
         ),
     ]
+    draw_missing_confusions(replicate_folders(run_dir, results))
     panels = curve_panels({run_dir.name: replicate_folders(run_dir, results)}, b)
     if any(panels.values()):
         title = f"{run_dir.name}: mean over {len(entries)} replicates, band ±1 std"

@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from descent import CONF_DIR
-from descent.callbacks import EpochHistory, GracefulStop
+from descent.callbacks import EpochHistory, GracefulStop, steps_taken
 from descent.compare import estimate
 from descent.config import ConfigError, check_batch_size, exit_on_config_error, typed_unless_secret, validate
 from descent.results import Status, recorded, task_overrides
@@ -144,7 +144,7 @@ def fit_and_test(
         tested,
         bool(best_path),
         seed=cfg.seed,
-        steps=trainer.global_step,
+        steps=steps_taken(trainer, model),
         samples=history.samples,
         diverged=diverged,
         split=split,
@@ -157,11 +157,22 @@ def fit_and_test(
         results["lr_find"] = found
     confusion_png = None
     if model.confusion is not None:
-        from descent.plots import confusion_matrix
+        results["confusion"] = model.confusion.tolist()
+        if draws_confusion_now(trainer.loggers):
+            from descent.plots import confusion_matrix
 
-        confusion_png = confusion_matrix(model.confusion.numpy(), run_dir / "confusion_matrix.png")
+            confusion_png = confusion_matrix(model.confusion.numpy(), run_dir / "confusion_matrix.png")
     close_loggers(trainer.loggers, results, confusion_png)
     return results
+
+
+def draws_confusion_now(loggers: list[Any]) -> bool:
+    """Whether a run draws its confusion_matrix.png as it ends: a single run does, and a sweep's job only for W&B,
+    which logs the image; the other jobs leave it to `scripts/report.py`, which draws it from results.json's
+    `confusion` (nobody looks at a job's matrix while the sweep runs, and drawing it costs more than an epoch)."""
+    from descent.loggers import logs_images
+
+    return not in_sweep() or logs_images(loggers)
 
 
 def data_line(source: Any, split: Any, batch_size: int, threads: int) -> str:

@@ -452,7 +452,7 @@ def fit_at_once(
     from descent.replicates import summarize
     from descent.resume import stop_on_signal
     from descent.sweep import in_sweep
-    from descent.train import build_model, data_line, results_of_fit
+    from descent.train import build_model, data_line, draws_confusion_now, results_of_fit
     from descent.trainer import set_threads, trainer_with
 
     batch_size = check_batch_size(cfg.data.batch_size, len(split.train), cfg.model.get("batch_norm", False))
@@ -504,7 +504,9 @@ def fit_at_once(
         log.warning("no best.ckpt (callbacks.model_checkpoint=null): testing the last epoch's weights")
     for j, path in enumerate(records.best_paths):
         if path:
-            model.load_replicate(j, torch.load(path, map_location=model.device, weights_only=True)["state_dict"])
+            model.load_replicate(
+                j, io.load_checkpoint(path, map_location=model.device, weights_only=True)["state_dict"]
+            )
     trainer.test(model, datamodule=datamodule, verbose=False)
 
     results = []
@@ -534,6 +536,9 @@ def fit_at_once(
             to_target=history.to_target(cfg.target.val_acc),
         )
         results.append(answer | {"vectorized": len(seeds)})
-    confusion_matrices([matrix.numpy() for matrix in model.confusions], [d / "confusion_matrix.png" for d in dirs])
+    for answer, matrix in zip(results, model.confusions, strict=True):
+        answer["confusion"] = matrix.tolist()
+    if draws_confusion_now(trainer.loggers):
+        confusion_matrices([matrix.numpy() for matrix in model.confusions], [d / "confusion_matrix.png" for d in dirs])
     close_loggers(trainer.loggers, summarize([{**r, "seed": s} for r, s in zip(results, seeds, strict=True)]), None)
     return results
