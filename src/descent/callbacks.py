@@ -255,9 +255,8 @@ class LastCheckpoint(ModelCheckpoint):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        if trainer.fast_dev_run or not mid_epoch(trainer):  # fast_dev_run writes no checkpoint
-            return
-        if out_of_steps(trainer) or (trainer.should_stop and can_stop(trainer)):
+        stops = out_of_steps(trainer) or (trainer.should_stop and can_stop(trainer))
+        if stops and not trainer.fast_dev_run and mid_epoch(trainer):  # fast_dev_run writes no checkpoint
             self.write(trainer)  # a validation may still follow: it writes again
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

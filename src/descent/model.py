@@ -175,6 +175,7 @@ class Classifier(pl.LightningModule):
         # on the device: whether a training loss was NaN or infinite, and the global step of the first one
         self.register_buffer("nonfinite", torch.zeros((), dtype=torch.bool), persistent=False)
         self.register_buffer("nonfinite_step", torch.zeros((), dtype=torch.long), persistent=False)
+        self.optimizer_skips = False  # whether this fit's optimizer skips a step on the device (on_train_start)
         # per stage: (per-sample losses, predictions, labels) of the steps torchmetrics has not seen yet
         self._pending: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {
             stage: [] for stage in ("train", "val", "test")
@@ -248,13 +249,16 @@ class Classifier(pl.LightningModule):
         loss = self._step(batch, "train")
         self.nonfinite_step.copy_(torch.where(self.nonfinite, self.nonfinite_step, self.global_step))
         self.nonfinite |= ~torch.isfinite(loss)
-        optimizer = self.optimizers(use_pl_optimizer=False)
-        if not skips_on_device(optimizer, self.trainer.precision):
+        if not self.optimizer_skips:
             return None if self.read_divergence() else loss
-        optimizer.found_inf = self.nonfinite.float()  # 1: the fused step changes neither weights nor state
+        # 1: the fused step changes neither weights nor state
+        self.optimizers(use_pl_optimizer=False).found_inf = self.nonfinite.float()
         if (batch_idx + 1) % DIVERGENCE_READ_EVERY == 0 or batch_idx + 1 == self.trainer.num_training_batches:
             self.read_divergence()
         return loss
+
+    def on_train_start(self) -> None:
+        self.optimizer_skips = skips_on_device(self.optimizers(use_pl_optimizer=False), self.trainer.precision)
 
     def read_divergence(self) -> bool:
         """Read the divergence flag on the host; on the first non-finite loss, record its step and stop the run."""

@@ -282,8 +282,9 @@ def report_replicates(run_dir: Path, b: float = 0.9) -> Path:
             [[e["dir"], e["seed"], e["status"], *((e.get("metrics") or {}).get(m) for m in names)] for e in entries],
         ),
     ]
-    draw_missing_confusions(replicate_folders(run_dir, results))
-    panels = curve_panels({run_dir.name: replicate_folders(run_dir, results)}, b)
+    folders = replicate_folders(run_dir, results)
+    draw_missing_confusions(folders)
+    panels = curve_panels({run_dir.name: folders}, b)
     if any(panels.values()):
         title = f"{run_dir.name}: mean over {len(entries)} replicates, band ±1 std"
         png = plots.banded_curves(panels, run_dir / "curves.png", title, log_y=[list(panels)[-1]])
