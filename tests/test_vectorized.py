@@ -133,8 +133,9 @@ def poison(step: int, replicate: int):
     return Poison()
 
 
-def fit(tmp_path: Path, name: str, *overrides: str, extra=()) -> tuple[list[dict], Path]:
-    """Three replicates at once, in this process, into tmp_path/name; their results and the run folder."""
+def fit(tmp_path: Path, name: str, *overrides: str, extra=(), read_every=None) -> tuple[list[dict], Path]:
+    """Three replicates at once, in this process, into tmp_path/name; their results and the run folder. `read_every`:
+    the steps between two host reads of the divergence flags (by default every step, on CPU)."""
     from descent.data.sources import build_source
     from descent.data.splits import make_splits
     from descent.vectorized import fit_at_once
@@ -147,13 +148,16 @@ def fit(tmp_path: Path, name: str, *overrides: str, extra=()) -> tuple[list[dict
     split = make_splits(len(source.labels), {"label": source.labels}, tuple(cfg.data.split), cfg.data.split_seed)[0]
     run_dir = tmp_path / name
     torch.set_num_threads(1)
-    return fit_at_once(cfg, source, split, run_dir, [0, 1, 2], extra=extra), run_dir
+    return fit_at_once(cfg, source, split, run_dir, [0, 1, 2], extra=extra, read_every=read_every), run_dir
 
 
-def test_a_diverging_replicate_stops_alone_without_its_last_step_and_the_others_train_on(tmp_path):
-    clean, clean_dir = fit(tmp_path, "clean")
-    poisoned, poisoned_dir = fit(tmp_path, "poisoned", extra=[poison(step=5, replicate=1)])
-    five_steps, five_dir = fit(tmp_path, "five", "+trainer.max_steps=5")
+# 1: the host reads the flags at every step (CPU's default); 16: the device holds and puts back the replicates until
+# the host reads them, 11 steps after the divergence (an accelerator's default)
+@pytest.mark.parametrize("read_every", [1, 16])
+def test_a_diverging_replicate_stops_alone_without_its_last_step_and_the_others_train_on(tmp_path, read_every):
+    clean, clean_dir = fit(tmp_path, "clean", read_every=read_every)
+    poisoned, poisoned_dir = fit(tmp_path, "poisoned", extra=[poison(step=5, replicate=1)], read_every=read_every)
+    five_steps, five_dir = fit(tmp_path, "five", "+trainer.max_steps=5", read_every=read_every)
 
     assert [r["status"] for r in poisoned] == ["ok", "diverged", "ok"]
     for i in (0, 2):  # bit for bit: nothing of replicate 1 reaches them
@@ -172,6 +176,79 @@ def test_a_diverging_replicate_stops_alone_without_its_last_step_and_the_others_
     weights = [key for key in after_five if key.endswith(("weight", "bias"))]
     assert weights and all(torch.equal(kept[key], after_five[key]) for key in weights)
     assert five_steps[1]["steps"] == 5
+
+
+def run_files(results: list[dict], run_dir: Path) -> list:
+    """Each of the three replicates' results (less durations), rows (less times) and whole last state_dict."""
+    files = []
+    for answer, folder in zip(results, (run_dir / f"replicate_{i}" for i in range(3)), strict=True):
+        last = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+        rows = [without_time(rows_of(folder / name)) for name in ("metrics.csv", "steps.csv")]
+        files.append((without_durations(answer), *rows, {k: v.tolist() for k, v in last.items()}))
+    return files
+
+
+# with these, replicates 0 and 1 of fit() stop early after 6 and 7 epochs (steps 204 and 238)
+STOPPING = [*EARLY, "model.hidden_dims=[32]"]
+
+
+@pytest.mark.parametrize("overrides", [[], STOPPING], ids=["diverging", "stopping early"])
+def test_the_flags_read_every_16_steps_give_what_a_read_every_step_gives(tmp_path, monkeypatch, overrides):
+    from descent.vectorized import BatchedClassifier
+
+    reads = []
+    read = BatchedClassifier.read_flags
+    monkeypatch.setattr(BatchedClassifier, "read_flags", lambda self: reads.append(self.read_every) or read(self))
+    runs = {}
+    for read_every in (1, 16):
+        results, run_dir = fit(
+            tmp_path, f"every_{read_every}", *overrides, extra=[poison(step=40, replicate=2)], read_every=read_every
+        )
+        assert results[2]["status"] == "diverged" and results[2]["steps"] == 41
+        runs[read_every] = run_files(results, run_dir)
+    # bit for bit (repr: a NaN equals a NaN), batch norm's statistics and the stopped replicates' weights too
+    assert repr(runs[16]) == repr(runs[1])
+    epochs = [answer["epochs"] for answer, *_ in runs[1]]
+    # 34 batches an epoch: reads at steps 16 and 32 and at the last batch, at each validation and at the end of fit
+    assert reads.count(16) == max(epochs) * (3 + 1) + 1 and reads.count(1) == max(epochs) * (34 + 1) + 1
+    if overrides:
+        assert epochs == [6, 7, 2]  # stopped early on their own, and diverged
+
+
+def batched_from(run_dir: Path, read_every: int = 1):
+    """A BatchedClassifier of three replicates configured as those of `run_dir` (its replicate_0's last.ckpt)."""
+    from descent.vectorized import BatchedClassifier
+
+    replicate = run_dir / "replicate_0" / "checkpoints" / "last.ckpt"
+    classifiers = [Classifier.load_from_checkpoint(replicate, weights_only=True) for _ in range(3)]
+    return BatchedClassifier(classifiers, [torch.Generator() for _ in range(3)], read_every=read_every)
+
+
+@pytest.mark.parametrize("read_every", [1, 16])
+def test_a_stopped_replicate_is_put_back_before_a_checkpoint_mid_epoch_is_taken(tmp_path, read_every):
+    results, run_dir = fit(tmp_path, "cut", *STOPPING, "+trainer.max_steps=220", read_every=read_every)
+    assert results[0]["steps"] == 204 and results[1]["steps"] == 220  # 0 stopped early, in the epoch before
+    batched = batched_from(run_dir)
+    batched.load_state_dict(torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"])
+    own = torch.load(run_dir / "replicate_0" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    # Adam moves a replicate at every step, zero gradient or not: it must be back before last.ckpt is written
+    for name, tensor in batched.net.replicate_state_dict(0).items():
+        assert torch.equal(tensor, own[f"net.{name}"]), name
+
+
+def test_a_checkpoint_between_two_reads_carries_the_flags_the_host_has_not_read(tmp_path):
+    from descent.vectorized import STATE_KEY
+
+    results, run_dir = fit(tmp_path, "cut", "+trainer.max_steps=8", extra=[poison(5, 1)], read_every=16)
+    assert [r["status"] for r in results] == ["ok", "diverged", "ok"] and results[1]["steps"] == 6  # read at the end
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    state = checkpoint[STATE_KEY]
+    assert state["stopped"] == [None, None, None]  # written at step 8, before the host read
+    assert state["training"] == [True, False, True] and state["nonfinite_step"] == [-1, 5, -1]
+    fresh = batched_from(run_dir, read_every=16)
+    fresh.on_load_checkpoint(checkpoint)
+    fresh.read_flags()
+    assert fresh.diverged_at == [None, 5, None] and fresh.stopped == [None, 6, None]
 
 
 REFUSED = [

@@ -6,7 +6,9 @@ Replicate i starts as a run of seed + i starts: its Classifier built after `seed
 masks drawn from a generator at the RNG state that run has at its first step, its batches in that run's order
 (ReplicateBatches). Its metrics, best epoch, best weights, early stopping and divergence are its own: a replicate that
 stops (diverged, or stopped early) keeps the state it stopped with while the others train on, and the run stops when
-all have. The run's own `checkpoints/last.ckpt` is the batched training state, what a resume reads.
+all have. Which replicates train on is kept on the device, so that a replicate's divergence costs no host read per step
+on an accelerator (BatchedClassifier.training_step). The run's own `checkpoints/last.ckpt` is the batched training
+state, what a resume reads.
 Nothing here may let one replicate's numbers depend on another's.
 """
 
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +33,14 @@ from descent.callbacks import EpochHistory, GracefulStop, StepLosses
 from descent.config import SEQUENTIALLY, ConfigError
 from descent.data.batches import ReplicateBatches
 from descent.data.datamodule import ImageDataModule
-from descent.model import METRIC_FLUSH_STEPS, PENDING_KEY, Classifier, partial_metrics_kept, stage_metrics
+from descent.model import (
+    DIVERGENCE_READ_EVERY,
+    METRIC_FLUSH_STEPS,
+    PENDING_KEY,
+    Classifier,
+    partial_metrics_kept,
+    stage_metrics,
+)
 from descent.optim import build_lr_scheduler, build_optimizer
 
 log = logging.getLogger("descent")
@@ -64,10 +73,13 @@ class BatchedClassifier(pl.LightningModule):
     (the split's statistics, shared), each replicate's metrics by its own torchmetrics, fed as a Classifier feeds
     them. Training batches are (k, B, ...) stacks; validation and test batches are shared (B, ...) batches."""
 
-    def __init__(self, classifiers: Sequence[Classifier], generators: Sequence[torch.Generator]) -> None:
+    def __init__(
+        self, classifiers: Sequence[Classifier], generators: Sequence[torch.Generator], read_every: int = 1
+    ) -> None:
         super().__init__()
         first = classifiers[0]
         self.k = len(classifiers)
+        self.read_every = read_every  # training steps between two host reads of which replicates diverged
         self.replicate_hparams = dict(first.hparams)  # each replicate's Classifier's, as its checkpoints hold them
         self.input_dims = len(first.hparams["input_shape"])
         self.register_buffer("mean", first.mean.clone())
@@ -86,11 +98,15 @@ class BatchedClassifier(pl.LightningModule):
         self.epoch_values: list[dict[str, float]] = []  # each replicate's metrics of the last validation
         self.tested: list[dict[str, float]] = []
         self.confusions: list[torch.Tensor] = []
-        # per stage: (per-sample losses, predictions, labels, which replicates took the step), each (k, B)
+        # on the device: which replicates train on, and the global step of each one's first NaN or infinite loss
+        # (-1: none); the host's lists above learn them at each read (read_flags)
+        self.register_buffer("training_mask", torch.ones(self.k, dtype=torch.bool), persistent=False)
+        self.register_buffer("nonfinite_step", torch.full((self.k,), -1, dtype=torch.long), persistent=False)
+        self.held: list[torch.Tensor] = []  # net's stacked tensors (state_tensors) as the stopped replicates are kept
+        # per stage: (per-sample losses, predictions, labels) each (k, B), and for training steps the (k,) mask of
+        # the replicates that took the step
         self._pending: dict[str, list[tuple[Any, ...]]] = {stage: [] for stage in STAGES}
-        self._snapshots: dict[int, dict[str, torch.Tensor]] = {}  # what a stopped replicate is kept at
-        self._training = (True,) * self.k
-        self._training_mask = torch.ones(self.k, dtype=torch.bool)
+        self._training = (True,) * self.k  # what the host knows of training_mask
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(k, B, ...) images, replicate i's at [i], or (B, ...) images shared by all: (k, B, classes) logits."""
@@ -104,7 +120,7 @@ class BatchedClassifier(pl.LightningModule):
         logits = self(images)
         labels = labels.expand(self.k, -1) if labels.dim() == 1 else labels
         losses = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view(self.k, -1)
-        taken = self._training if stage == "train" else (True,) * self.k
+        taken = self.training_mask.clone() if stage == "train" else None
         pending = self._pending[stage]
         pending.append((losses.detach(), logits.detach().argmax(dim=2), labels, taken))
         if len(pending) >= METRIC_FLUSH_STEPS:
@@ -118,8 +134,14 @@ class BatchedClassifier(pl.LightningModule):
         if not pending:
             return
         losses, predictions, labels = (torch.cat(parts, dim=1) for parts in list(zip(*pending, strict=True))[:3])
+        sizes = [step[0].shape[1] for step in pending]
+        if stage == "train":  # the samples each replicate took: one host read per flush
+            taken = torch.stack([step[3] for step in pending])
+            counts = (taken * torch.tensor(sizes, device=taken.device).unsqueeze(1)).sum(dim=0).tolist()
+        else:
+            counts = [sum(sizes)] * self.k
         for i, metrics in enumerate(getattr(self, f"{stage}_metrics")):
-            n = sum(step[0].shape[1] for step in pending if step[3][i])
+            n = counts[i]
             if n == 0:
                 continue
             metrics["loss"].update(losses[i, :n])
@@ -141,37 +163,94 @@ class BatchedClassifier(pl.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> dict[str, Any] | None:
         """The sum of the training replicates' mean losses: replicate i's gradient is its own loss's. A replicate
-        whose loss is NaN or infinite stops here, this step not applied to it; when none trains on, the run stops."""
+        whose loss is NaN or infinite stops there, this step not applied to it (optimizer_step puts it back), and the
+        others train on; when none does, the run stops.
+
+        The check stays on the device (training_mask, nonfinite_step). The host reads it every `read_every` steps and
+        at the epoch's last batch. Until then the device keeps every training replicate's state of this step (`hold`)
+        and puts back the stopped ones after the optimizer step, whether the host knows of them yet or not. With
+        `read_every=1` (on CPU, where a read costs nothing) the host knows at once and only a stopped replicate is
+        held and put back."""
         losses = self._step(batch, "train").mean(dim=1)
-        for i, loss in enumerate(losses.detach().tolist()):
-            if self._training[i] and not math.isfinite(loss):
-                self.diverged_at[i] = self.global_step
-                self.stop(i, self.global_step + 1)  # a run's skipped step counts, as Lightning counts it
+        finite = torch.isfinite(losses.detach())
+        self.nonfinite_step.masked_fill_(self.training_mask & ~finite, self.global_step)
+        if self.read_every > 1:
+            self.hold(self.training_mask)  # what a replicate whose loss is non-finite here is kept at
+        self.training_mask &= finite
+        last = batch_idx + 1 == self.trainer.num_training_batches
+        if self.read_every == 1 or (batch_idx + 1) % self.read_every == 0 or last:
+            self.read_flags()
         if not any(self._training):
             self.trainer.should_stop = True
             return None
-        total = losses.sum() if all(self._training) else torch.where(self._training_mask, losses, 0.0).sum()
+        total = torch.where(self.training_mask, losses, 0.0).sum()
         return {"loss": total, "losses": losses.detach()}
 
-    def stop(self, i: int, steps: int) -> None:
-        """Stop replicate i after `steps` optimizer steps: from now on it is kept at its present state."""
-        self.stopped[i], self.stop_epoch[i] = steps, self.current_epoch
-        self._snapshots[i] = self.net.replicate_state_dict(i)
-        self._set_training()
-
-    def _set_training(self) -> None:
+    def read_flags(self) -> None:
+        """The host learns which replicates' losses turned NaN or infinite (one transfer). Each stops after its
+        non-finite step, which counts as a run's skipped step counts, as Lightning counts it."""
+        for i, step in enumerate(self.nonfinite_step.tolist()):
+            if step >= 0 and self.diverged_at[i] is None:
+                self.diverged_at[i] = step
+                self.stopped[i], self.stop_epoch[i] = step + 1, self.current_epoch
+                if self.read_every == 1:  # read at its step: kept as it is now, as `hold` keeps it otherwise
+                    self.hold_replicate(i)
         self._training = tuple(steps is None for steps in self.stopped)
-        self._training_mask = torch.tensor(self._training, device=self.mean.device)
+
+    def stop(self, i: int, steps: int) -> None:
+        """Stop replicate i after `steps` optimizer steps (early stopping): from now on it is kept as it is now."""
+        self.stopped[i], self.stop_epoch[i] = steps, self.current_epoch
+        self.training_mask[i] = False
+        self.hold_replicate(i)
+        self._training = tuple(steps is None for steps in self.stopped)
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        """The stacked parameters and buffers of the net, (k, ...) each: what a replicate's state is."""
+        return [*self.net.parameters(), *self.net.buffers()]
+
+    @torch.no_grad()
+    def hold(self, which: torch.Tensor) -> None:
+        """Keep the present state of the replicates of `which`, a (k,) mask on the device."""
+        for tensor, held in zip(self.state_tensors(), self.held, strict=True):
+            torch.where(which.view(-1, *[1] * (tensor.dim() - 1)), tensor, held, out=held)
+
+    @torch.no_grad()
+    def hold_replicate(self, i: int) -> None:
+        """Keep replicate i's present state."""
+        for tensor, held in zip(self.state_tensors(), self.held, strict=True):
+            held[i].copy_(tensor[i])
+
+    @torch.no_grad()
+    def put_back(self) -> None:
+        """The stopped replicates back to their held state: the optimizer step and batch norm's running statistics
+        moved them. On the device's mask while the host may not know of all of them yet, else by their slices."""
+        if self.read_every > 1:
+            for tensor, held in zip(self.state_tensors(), self.held, strict=True):
+                torch.where(self.training_mask.view(-1, *[1] * (tensor.dim() - 1)), tensor, held, out=tensor)
+            return
+        for i in (i for i, training in enumerate(self._training) if not training):
+            for tensor, held in zip(self.state_tensors(), self.held, strict=True):
+                tensor[i].copy_(held[i])
+
+    def optimizer_step(
+        self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Callable[[], Any] | None = None
+    ) -> None:
+        """Lightning's optimizer step, then the stopped replicates put back, before any callback sees the step."""
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        self.put_back()
 
     def on_train_start(self) -> None:
-        """The stopped replicates' states, as a resumed checkpoint left them."""
-        self._snapshots = {i: self.net.replicate_state_dict(i) for i, s in enumerate(self.stopped) if s is not None}
-        self._set_training()
+        """The held states start as the present ones: a resumed checkpoint has its stopped replicates put back."""
+        self.held = [tensor.detach().clone() for tensor in self.state_tensors()]
+        self._training = tuple(steps is None for steps in self.stopped)
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """Put the stopped replicates back: the optimizer step and batch norm's running statistics moved them."""
-        for i, state in self._snapshots.items():
-            self.net.load_replicate_state_dict(i, state)
+    def on_validation_start(self) -> None:
+        """The host knows every divergence before the validation's records and early stopping read `stopped`."""
+        if self.trainer.state.fn == TrainerFn.FITTING and not self.trainer.sanity_checking:
+            self.read_flags()
+
+    def on_train_end(self) -> None:
+        self.read_flags()  # a fit that stopped between two reads (max_steps, a signal)
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._step(batch, "val")
@@ -202,28 +281,34 @@ class BatchedClassifier(pl.LightningModule):
             return super().state_dict(*args, **kwargs)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """The pending steps (as Classifier keeps them) and which replicates stopped, when, and why."""
-        pending = {
-            stage: [(*step[:3], torch.tensor(step[3])) for step in steps] for stage, steps in self._pending.items()
-        }
-        if any(pending.values()):
+        """The pending steps (as Classifier keeps them) and which replicates stopped, when, and why, with the device's
+        flags the host may not have read yet."""
+        pending = {stage: list(steps) for stage, steps in self._pending.items() if steps}
+        if pending:
             checkpoint[PENDING_KEY] = pending
         checkpoint[STATE_KEY] = {
             "stopped": self.stopped,
             "stop_epoch": self.stop_epoch,
             "diverged_at": self.diverged_at,
+            "training": self.training_mask.tolist(),
+            "nonfinite_step": self.nonfinite_step.tolist(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         device = self.mean.device
         saved = checkpoint.get(PENDING_KEY, {})
         self._pending = {
-            stage: [(*(part.to(device) for part in step[:3]), tuple(step[3].tolist())) for step in saved.get(stage, [])]
+            stage: [tuple(None if part is None else part.to(device) for part in step) for step in saved.get(stage, [])]
             for stage in STAGES
         }
         state = checkpoint[STATE_KEY]
         self.stopped, self.stop_epoch = list(state["stopped"]), list(state["stop_epoch"])
         self.diverged_at = list(state["diverged_at"])
+        # a checkpoint of an earlier version holds what the host knew only, which was all there was
+        training = state.get("training", [steps is None for steps in self.stopped])
+        nonfinite = state.get("nonfinite_step", [-1 if step is None else step for step in self.diverged_at])
+        self.training_mask.copy_(torch.tensor(training))
+        self.nonfinite_step.copy_(torch.tensor(nonfinite))
 
     def configure_optimizers(self) -> Any:
         """One optimizer over the stacked parameters: each replicate's own update when it is element-wise."""
@@ -326,7 +411,9 @@ class ReplicateRecords(pl.Callback):
         if losses is None:
             return
         for i, steps in enumerate(self.step_losses):
-            if pl_module.stopped[i] is None:  # a replicate's diverged step is not in its steps.csv, as in a run's
+            # a replicate's diverged step is not in its steps.csv, as in a run's: the host may learn of it only some
+            # steps later, and StepLosses ends the rows at the first non-finite loss
+            if pl_module.stopped[i] is None:
                 steps.losses.append(losses[i])
                 steps.steps.append((trainer.current_epoch, trainer.global_step))
 
@@ -440,10 +527,13 @@ def fit_at_once(
     run_dir: Path,
     indices: Sequence[int],
     extra: Sequence[pl.Callback] = (),
+    read_every: int | None = None,
 ) -> list[dict]:
     """Train replicates `indices` (seeds seed + i) at once into `run_dir/replicate_<i>/`, test each one's best epoch,
     and return each one's results.json content. The batched training state goes to `run_dir/checkpoints/last.ckpt`.
-    `extra` callbacks run first (a probe: a benchmark's clock, a test's hook)."""
+    `extra` callbacks run first (a probe: a benchmark's clock, a test's hook). `read_every`: the training steps
+    between two host reads of which replicates diverged (BatchedClassifier), by default every step on CPU, where a
+    read costs nothing, and every DIVERGENCE_READ_EVERY steps on an accelerator, where each one is a synchronisation."""
     from omegaconf import OmegaConf
 
     from descent.config import check_batch_size
@@ -480,7 +570,9 @@ def fit_at_once(
         pl.seed_everything(seed, workers=True, verbose=False)  # replicate i = a run of seed + i
         classifiers.append(build_model(cfg, source, split))
         generators.append(generator_of(seed, device))
-    model = BatchedClassifier(classifiers, generators)
+    if read_every is None:
+        read_every = 1 if device.type == "cpu" else DIVERGENCE_READ_EVERY
+    model = BatchedClassifier(classifiers, generators, read_every)
     # the threads a run of one replicate gets: the batched step is k of its small operations side by side, which a
     # second thread splits no better, and threads that other processes keep waiting cost far more than they gain
     threads = set_threads(cfg.threads, batch_size, classifiers[0], list(source.image_shape))
