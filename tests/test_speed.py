@@ -265,3 +265,45 @@ def test_the_divergence_flag_is_read_on_the_host_only_every_16_batches_when_the_
     # fused Adam and SGD: at batches 16, 32 and the epoch's last; torch's RMSprop cannot skip a step itself: every
     # batch
     assert len(counted) == reads and model.diverged_at is None
+
+
+def fitted(tmp_path, *overrides: str) -> tuple[Classifier, list[torch.Tensor], int]:
+    """A one-epoch fit in this process: the model, its optimizer's state tensors after fit, its global step."""
+    from descent.train import build_datamodule, build_model
+
+    tmp_path.mkdir()
+    cfg = compose_train(*overrides, "trainer.max_epochs=1", "logger=none", "callbacks.progress_bar=null")
+    source = build_source(cfg.data)
+    split = train_val_test(source.labels, tuple(cfg.data.split), cfg.data.split_seed)
+    torch.manual_seed(0)
+    model = build_model(cfg, source, split)
+    trainer = build_trainer(cfg, tmp_path, EpochHistory(tmp_path / "m.csv"), GracefulStop(tmp_path / "l"))
+    torch.set_num_threads(1)
+    trainer.fit(model, datamodule=build_datamodule(cfg, source, split, cfg.data.batch_size))
+    optimizer = trainer.optimizers[0]
+    state = [v for p in model.net.parameters() for v in optimizer.state[p].values()]
+    return model, state, trainer.global_step
+
+
+def test_on_an_accelerator_an_optimizer_that_cannot_skip_has_its_state_put_back_without_a_read_per_step(
+    tmp_path, monkeypatch
+):
+    # RMSprop at lr 1e30 (no fused kernel): its first step sends the weights to ~1e30, the loss of step 1 is not
+    # finite. On CPU the flag is read at once and step 1 not taken; on an accelerator (here: CPU told it is one)
+    # every step from step 1 on is put back from the state held on the device, and the flag is read at batch 16
+    diverging = ("optimizer=rmsprop", "optimizer.lr=1e30")
+    read_at_once, state_at_once, _ = fitted(tmp_path / "cpu", *diverging)
+    assert not read_at_once.holds_state and read_at_once.diverged_at == 1
+    reads = []
+    read = Classifier.read_divergence
+    monkeypatch.setattr(Classifier, "read_divergence", lambda self: reads.append(1) or read(self))
+    monkeypatch.setattr(descent.model, "reads_every_step", lambda device: False)
+    held, state_held, global_step = fitted(tmp_path / "accelerator", *diverging)
+    assert held.holds_state and held.diverged_at == 1 and global_step == 16 and len(reads) == 1
+    # weights, batch norm's statistics and RMSprop's state (its step count too) as the run that read at once
+    assert held.state_dict().keys() == read_at_once.state_dict().keys()
+    for key, tensor in read_at_once.state_dict().items():  # bit for bit, NaN where NaN (step 1's batch norm)
+        torch.testing.assert_close(held.state_dict()[key], tensor, rtol=0, atol=0, equal_nan=True, msg=key)
+    assert len(state_held) == len(state_at_once) > 0
+    for mine, theirs in zip(state_held, state_at_once, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=0, equal_nan=True)

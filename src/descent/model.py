@@ -12,7 +12,7 @@ its cost.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -112,6 +112,12 @@ def skips_on_device(optimizer: Any, precision: str) -> bool:
     return bool(optimizer.defaults.get("fused")) and precision not in ("16-mixed", "16")
 
 
+def reads_every_step(device: torch.device) -> bool:
+    """Whether the divergence check reads its flag on the host at every step: on CPU a read costs nothing, on an
+    accelerator each one is a synchronisation."""
+    return device.type == "cpu"
+
+
 def build_network(config: dict[str, Any], input_shape: list[int], num_classes: int) -> nn.Module:
     """The network of a `model` config (its `_target_`: MLP or CNN) for images of `input_shape`."""
     from hydra.utils import instantiate
@@ -176,6 +182,10 @@ class Classifier(pl.LightningModule):
         self.register_buffer("nonfinite", torch.zeros((), dtype=torch.bool), persistent=False)
         self.register_buffer("nonfinite_step", torch.zeros((), dtype=torch.long), persistent=False)
         self.optimizer_skips = False  # whether this fit's optimizer skips a step on the device (on_train_start)
+        # whether this fit keeps its state on the device to put it back after a non-finite step (on_train_start),
+        # and that state: the net's parameters and buffers, then the optimizer's state tensors
+        self.holds_state = False
+        self.held: list[torch.Tensor] = []
         # per stage: (per-sample losses, predictions, labels) of the steps torchmetrics has not seen yet
         self._pending: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {
             stage: [] for stage in ("train", "val", "test")
@@ -242,23 +252,61 @@ class Classifier(pl.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         """The batch's mean loss. The first NaN or infinite one stops the run, its step not applied: the weights
-        stay those of the last finite step. With an optimizer that skips its step on the device (torch's fused
-        ones, through the `found_inf` tensor they take from GradScaler), the check needs no host read per step:
-        every later step is skipped too, and the flag is read every DIVERGENCE_READ_EVERY batches and at the
-        epoch's last one. Otherwise it is read at each step (a synchronisation on a GPU) and the step not taken."""
+        and the optimizer's state stay those of the last finite step. The check needs no host read per step where a
+        read is a synchronisation: an optimizer that skips its step on the device (torch's fused ones, through the
+        `found_inf` tensor they take from GradScaler) skips every later step too; on an accelerator, another one
+        has its state kept on the device and put back after each step from the non-finite one on (`hold`,
+        `put_back`). Either way the flag is read every DIVERGENCE_READ_EVERY batches and at the epoch's last one.
+        Otherwise (another optimizer, on CPU) it is read at each step and the step not taken."""
         loss = self._step(batch, "train")
+        if self.holds_state:
+            self.hold()  # before this step's flag: what a non-finite loss here is put back to
         self.nonfinite_step.copy_(torch.where(self.nonfinite, self.nonfinite_step, self.global_step))
         self.nonfinite |= ~torch.isfinite(loss)
-        if not self.optimizer_skips:
+        if not (self.optimizer_skips or self.holds_state):
             return None if self.read_divergence() else loss
-        # 1: the fused step changes neither weights nor state
-        self.optimizers(use_pl_optimizer=False).found_inf = self.nonfinite.float()
+        if self.optimizer_skips:  # 1: the fused step changes neither weights nor state
+            self.optimizers(use_pl_optimizer=False).found_inf = self.nonfinite.float()
         if (batch_idx + 1) % DIVERGENCE_READ_EVERY == 0 or batch_idx + 1 == self.trainer.num_training_batches:
             self.read_divergence()
         return loss
 
     def on_train_start(self) -> None:
-        self.optimizer_skips = skips_on_device(self.optimizers(use_pl_optimizer=False), self.trainer.precision)
+        optimizer = self.optimizers(use_pl_optimizer=False)
+        self.optimizer_skips = skips_on_device(optimizer, self.trainer.precision)
+        self.holds_state = not self.optimizer_skips and not reads_every_step(self.device)
+        self.held = []
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        """What a step changes: the net's parameters and buffers, then the optimizer's state tensors (made at its
+        first step, so the list grows once)."""
+        state = self.optimizers(use_pl_optimizer=False).state
+        parameters = list(self.net.parameters())
+        optimizer_state = [v for p in parameters for v in state.get(p, {}).values() if isinstance(v, torch.Tensor)]
+        return [*parameters, *self.net.buffers(), *optimizer_state]
+
+    @torch.no_grad()
+    def hold(self) -> None:
+        """Keep the present state while every loss so far was finite, on the device: what put_back restores."""
+        tensors = self.state_tensors()
+        self.held += [tensor.detach().clone() for tensor in tensors[len(self.held) :]]
+        for tensor, held in zip(tensors, self.held, strict=True):
+            torch.where(self.nonfinite, held, tensor, out=held)
+
+    @torch.no_grad()
+    def put_back(self) -> None:
+        """After a non-finite loss, the held state back in place of what the step made (no host read)."""
+        for tensor, held in zip(self.state_tensors(), self.held, strict=False):  # state made by this step: as is
+            torch.where(self.nonfinite, held, tensor, out=tensor)
+
+    def optimizer_step(
+        self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Callable[[], Any] | None = None
+    ) -> None:
+        """Lightning's optimizer step, then, when this fit holds its state, the held state put back after a
+        non-finite loss, before any callback sees the step."""
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        if self.holds_state:
+            self.put_back()
 
     def read_divergence(self) -> bool:
         """Read the divergence flag on the host; on the first non-finite loss, record its step and stop the run."""
