@@ -223,8 +223,8 @@ def test_threads_auto_follow_the_work_of_a_step_and_an_int_overrides_them():
         torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("name", ["adam", "adamw", "sgd", "momentum"])
-def test_the_optimizer_configs_that_can_use_the_fused_kernel(name):
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_adam_configs_use_the_fused_kernel(name):
     optimizer = instantiate(compose_train(f"optimizer={name}").optimizer)([torch.nn.Parameter(torch.zeros(2))])
     assert optimizer.defaults["fused"] is True
 
@@ -245,7 +245,7 @@ def test_bench_prints_the_table_and_ends_with_the_ratio_line():
         assert any(re.match(row, line) for line in lines), process.stdout  # plain, bare, descent; bare ratio, ratio
 
 
-@pytest.mark.parametrize(("optimizer", "reads"), [("adam", 3), ("sgd", 3), ("momentum", 3), ("rmsprop", 34)])
+@pytest.mark.parametrize(("optimizer", "reads"), [("adam", 3), ("sgd", 34)])
 def test_the_divergence_flag_is_read_on_the_host_only_every_16_batches_when_the_step_skips_on_the_device(
     tmp_path, monkeypatch, optimizer, reads
 ):
@@ -262,8 +262,7 @@ def test_the_divergence_flag_is_read_on_the_host_only_every_16_batches_when_the_
     torch.set_num_threads(1)
     trainer.fit(model, datamodule=build_datamodule(cfg, source, split, cfg.data.batch_size))
     assert trainer.num_training_batches == 34
-    # fused Adam and SGD: at batches 16, 32 and the epoch's last; torch's RMSprop cannot skip a step itself: every
-    # batch
+    # fused Adam: at batches 16, 32 and the epoch's last; SGD as configured (not fused) on CPU: every batch
     assert len(counted) == reads and model.diverged_at is None
 
 

@@ -643,8 +643,7 @@ def check_trainer(node: DictConfig) -> None:
 
 
 def check_clipping(trainer: DictConfig, optimizer: DictConfig) -> None:
-    """Refuse gradient clipping under mixed precision with a fused optimizer (the Adam, AdamW, SGD and momentum
-    configs set `fused: true`):
+    """Refuse gradient clipping under mixed precision with a fused optimizer (Adam's configs set `fused: true`):
     such an optimizer unscales the gradients inside its step, so Lightning cannot clip them first."""
     mixed = "mixed" in str(trainer.get("precision")) or str(trainer.get("precision")) in ("16", "bf16")
     if mixed and (trainer.get("gradient_clip_val") or 0) > 0 and optimizer.get("fused"):
