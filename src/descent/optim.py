@@ -36,19 +36,13 @@ def build_lr_scheduler(config: Mapping[str, Any], optimizer: Optimizer) -> dict[
     return lr_scheduler
 
 
-def course_momentum(
-    params: Iterable[torch.Tensor],
-    lr: float,
-    momentum: float = 0.9,
-    weight_decay: float = 0.0,
-    fused: bool | None = None,
-) -> SGD:
+def course_momentum(params: Iterable[torch.Tensor], lr: float, momentum: float = 0.9, weight_decay: float = 0.0) -> SGD:
     """The course's momentum as torch SGD: SGD(lr=a*(1-b), momentum=b, dampening=0) is exactly that update.
 
     Why: torch keeps buf = b*buf + dW and steps lr*buf; with lr = a*(1-b) that is a*V for V = (1-b)*buf.
     torch's `dampening=b` is not the course's form: its first step takes V = dW instead of (1-b)*dW.
     """
-    return SGD(params, lr=lr * (1 - momentum), momentum=momentum, dampening=0.0, weight_decay=weight_decay, fused=fused)
+    return SGD(params, lr=lr * (1 - momentum), momentum=momentum, dampening=0.0, weight_decay=weight_decay)
 
 
 def _updates(group: dict, state: dict, names: tuple[str, ...]) -> Iterator[tuple[torch.Tensor, ...]]:

@@ -39,6 +39,7 @@ from descent.model import (
     PENDING_KEY,
     Classifier,
     partial_metrics_kept,
+    reads_every_step,
     stage_metrics,
 )
 from descent.optim import build_lr_scheduler, build_optimizer
@@ -106,7 +107,6 @@ class BatchedClassifier(pl.LightningModule):
         # per stage: (per-sample losses, predictions, labels) each (k, B), and for training steps the (k,) mask of
         # the replicates that took the step
         self._pending: dict[str, list[tuple[Any, ...]]] = {stage: [] for stage in STAGES}
-        self._training = (True,) * self.k  # what the host knows of training_mask
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(k, B, ...) images, replicate i's at [i], or (B, ...) images shared by all: (k, B, classes) logits."""
@@ -180,7 +180,7 @@ class BatchedClassifier(pl.LightningModule):
         last = batch_idx + 1 == self.trainer.num_training_batches
         if self.read_every == 1 or (batch_idx + 1) % self.read_every == 0 or last:
             self.read_flags()
-        if not any(self._training):
+        if all(steps is not None for steps in self.stopped):  # the host knows every replicate stopped
             self.trainer.should_stop = True
             return None
         total = torch.where(self.training_mask, losses, 0.0).sum()
@@ -195,14 +195,12 @@ class BatchedClassifier(pl.LightningModule):
                 self.stopped[i], self.stop_epoch[i] = step + 1, self.current_epoch
                 if self.read_every == 1:  # read at its step: kept as it is now, as `hold` keeps it otherwise
                     self.hold_replicate(i)
-        self._training = tuple(steps is None for steps in self.stopped)
 
     def stop(self, i: int, steps: int) -> None:
         """Stop replicate i after `steps` optimizer steps (early stopping): from now on it is kept as it is now."""
         self.stopped[i], self.stop_epoch[i] = steps, self.current_epoch
         self.training_mask[i] = False
         self.hold_replicate(i)
-        self._training = tuple(steps is None for steps in self.stopped)
 
     def state_tensors(self) -> list[torch.Tensor]:
         """The stacked parameters and buffers of the net, (k, ...) each: what a replicate's state is."""
@@ -212,7 +210,7 @@ class BatchedClassifier(pl.LightningModule):
     def hold(self, which: torch.Tensor) -> None:
         """Keep the present state of the replicates of `which`, a (k,) mask on the device."""
         for tensor, held in zip(self.state_tensors(), self.held, strict=True):
-            torch.where(which.view(-1, *[1] * (tensor.dim() - 1)), tensor, held, out=held)
+            torch.where(along_replicates(which, tensor), tensor, held, out=held)
 
     @torch.no_grad()
     def hold_replicate(self, i: int) -> None:
@@ -226,9 +224,9 @@ class BatchedClassifier(pl.LightningModule):
         moved them. On the device's mask while the host may not know of all of them yet, else by their slices."""
         if self.read_every > 1:
             for tensor, held in zip(self.state_tensors(), self.held, strict=True):
-                torch.where(self.training_mask.view(-1, *[1] * (tensor.dim() - 1)), tensor, held, out=tensor)
+                torch.where(along_replicates(self.training_mask, tensor), tensor, held, out=tensor)
             return
-        for i in (i for i, training in enumerate(self._training) if not training):
+        for i in (i for i, steps in enumerate(self.stopped) if steps is not None):
             for tensor, held in zip(self.state_tensors(), self.held, strict=True):
                 tensor[i].copy_(held[i])
 
@@ -242,7 +240,6 @@ class BatchedClassifier(pl.LightningModule):
     def on_train_start(self) -> None:
         """The held states start as the present ones: a resumed checkpoint has its stopped replicates put back."""
         self.held = [tensor.detach().clone() for tensor in self.state_tensors()]
-        self._training = tuple(steps is None for steps in self.stopped)
 
     def on_validation_start(self) -> None:
         """The host knows every divergence before the validation's records and early stopping read `stopped`."""
@@ -366,6 +363,11 @@ class BatchedClassifier(pl.LightningModule):
         self.net.load_replicate_state_dict(
             i, {k.removeprefix("net."): v for k, v in state_dict.items() if k.startswith("net.")}
         )
+
+
+def along_replicates(mask: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+    """A (k,) mask shaped to select the slices [i] of a stacked (k, ...) tensor (torch.where broadcasts it)."""
+    return mask.view(-1, *[1] * (tensor.dim() - 1))
 
 
 def improves(current: float, best: float | None, mode: str) -> bool:
@@ -571,7 +573,7 @@ def fit_at_once(
         classifiers.append(build_model(cfg, source, split))
         generators.append(generator_of(seed, device))
     if read_every is None:
-        read_every = 1 if device.type == "cpu" else DIVERGENCE_READ_EVERY
+        read_every = 1 if reads_every_step(device) else DIVERGENCE_READ_EVERY
     model = BatchedClassifier(classifiers, generators, read_every)
     # the threads a run of one replicate gets: the batched step is k of its small operations side by side, which a
     # second thread splits no better, and threads that other processes keep waiting cost far more than they gain
