@@ -58,6 +58,8 @@ def test_five_fold_cv_tests_every_sample_once_and_reports_mean_and_std(train):
     assert results["mean"]["test/acc"] == pytest.approx(np.mean(accuracies))
     assert results["std"]["test/acc"] == pytest.approx(np.std(accuracies, ddof=1))
     assert set(results["mean"]) == set(results["std"]) == set(results["folds"][0]["metrics"])
+    # the run counts its longest fold's epochs and steps, as a single run would (a sweep's table shows them)
+    assert results["epochs"] == 1 and results["steps"] == max(fold["steps"] for fold in results["folds"])
     assert "fold 4" in process.stdout and "mean" in process.stdout and "std" in process.stdout
 
 

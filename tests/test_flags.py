@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from descent.callbacks import EpochHistory, GracefulStop
 from descent.config import ConfigError
 from descent.data.batches import TensorBatches, batch_bounds, limited_bounds
+from descent.optim import fused_sgd_skips
 from descent.trainer import build_trainer, lightning_limits, loader_fractions
 
 SMALL = ["model.hidden_dims=[16]"]
@@ -178,6 +179,13 @@ def test_training_without_validation_tests_the_last_weights(train):
 def test_a_setting_refused_once_the_data_is_known_is_one_line_naming_it(train, override, named):
     process, run_dir = train(*SMALL, override)
     assert named in refused(process)
+    assert results_of(run_dir)["status"] == "failed"
+
+
+@pytest.mark.skipif(not fused_sgd_skips(torch.bfloat16), reason="this torch's fused CPU SGD updates bf16 parameters")
+def test_a_fused_sgd_that_would_not_train_bf16_parameters_is_one_line_naming_it(train):
+    process, run_dir = train(*SMALL, "optimizer=sgd", "+optimizer.fused=true", "+trainer.precision=bf16-true")
+    assert "optimizer.fused=True is not allowed: torch" in refused(process)
     assert results_of(run_dir)["status"] == "failed"
 
 

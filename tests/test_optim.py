@@ -7,6 +7,9 @@ import torch
 from conftest import compose_train
 from hydra.utils import instantiate
 
+from descent.config import ConfigError
+from descent.optim import build_optimizer, fused_sgd_skips
+
 STEPS = 30
 A = torch.tensor([[3.0, 0.5, 0.0], [0.5, 1.0, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
 B = torch.tensor([1.0, -2.0, 0.0], dtype=torch.float64)  # the third gradient entry is always exactly 0
@@ -130,3 +133,24 @@ def test_every_optimizer_config_is_partial_and_returns_a_torch_optimizer(name):
     cfg = compose_train(f"optimizer={name}")
     assert cfg.optimizer._partial_ is True
     assert isinstance(instantiate(cfg.optimizer)([torch.nn.Parameter(torch.zeros(2))]), torch.optim.Optimizer)
+
+
+SKIPS_BF16 = fused_sgd_skips(torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_fused_sgd_over_float32_or_float64_parameters_is_built(dtype):
+    parameter = torch.nn.Parameter(torch.zeros(2, dtype=dtype))
+    assert build_optimizer(compose_train("optimizer=sgd", "+optimizer.fused=true").optimizer, [parameter])
+
+
+@pytest.mark.skipif(not SKIPS_BF16, reason="this torch's fused CPU SGD updates bf16 parameters")
+def test_a_fused_sgd_that_would_leave_bf16_parameters_unchanged_is_refused_naming_the_key():
+    parameter = torch.nn.Parameter(torch.zeros(64, dtype=torch.bfloat16))
+    config = compose_train("optimizer=sgd", "+optimizer.fused=true").optimizer
+    with pytest.raises(ConfigError, match=r"^optimizer.fused=True is not allowed: .*pytorch/pytorch#191763"):
+        build_optimizer(config, [parameter])
+    unfused = build_optimizer(compose_train("optimizer=sgd").optimizer, [parameter])  # what the message offers
+    parameter.grad = torch.ones_like(parameter)
+    unfused.step()
+    assert bool((parameter != 0).all())

@@ -103,6 +103,12 @@ def test_replicates_trained_at_once_equal_runs_of_their_seeds_and_feed_the_setti
             torch.testing.assert_close(best[0]["state_dict"][key], tensor, rtol=0, atol=WEIGHT_ATOL, msg=key)
         epochs.append(mine["epochs"])
     assert len(set(epochs)) > 1 and min(epochs) < 8  # each replicate stopped early on its own
+    for run in (sequential, at_once):  # a run counts its longest replicate's epochs and steps, as a single run would
+        answer = results_of(run)
+        assert answer["epochs"] == max(epochs)
+        assert answer["steps"] == max(replicate["steps"] for replicate in answer["replicates"])
+    with open(sweep_dir / "summary.csv") as file:
+        assert {row["epochs"] for row in csv.DictReader(file)} == {str(max(epochs))}  # the sweep's table too
 
     model = Classifier.load_from_checkpoint(at_once / "replicate_1" / "checkpoints" / "best.ckpt", weights_only=True)
     assert model.hparams.model["hidden_dims"] == [32]

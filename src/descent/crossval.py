@@ -68,8 +68,9 @@ def summarize(folds: list[dict[str, Any]]) -> dict[str, Any]:
         "std": std,
         "metrics": mean,
         "best_epoch": [fold.get("best_epoch") for fold in folds],
-        "epochs": sum(fold.get("epochs") or 0 for fold in folds),
-        "steps": sum(fold.get("steps") or 0 for fold in folds),
+        # the longest fold's, as a single run counts them (each fold's own are in `folds`)
+        "epochs": max((fold.get("epochs") or 0 for fold in folds), default=0),
+        "steps": max((fold.get("steps") or 0 for fold in folds), default=0),
         "n_test": sum(fold.get("n_test") or 0 for fold in folds),
     }
 

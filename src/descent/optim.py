@@ -23,7 +23,43 @@ def build_optimizer(config: Mapping[str, Any], parameters: Iterable[torch.Tensor
     `parameters`. The module that trains never names an optimizer."""
     from hydra.utils import instantiate
 
-    return instantiate(dict(config))(parameters)
+    optimizer = instantiate(dict(config))(parameters)
+    check_fused_sgd(optimizer)
+    return optimizer
+
+
+def fused_sgd_skips(dtype: torch.dtype) -> bool:
+    """Whether this torch's fused CPU SGD leaves parameters of `dtype` as they were (pytorch/pytorch#191763: torch
+    2.13's kernel skips bf16 and fp16 in its vectorized blocks): one step over 64 of them, checked."""
+    param = torch.ones(64, dtype=dtype)
+    param.grad = torch.ones_like(param)
+    SGD([param], lr=0.5, fused=True).step()
+    return not bool((param == 0.5).all())
+
+
+def check_fused_sgd(optimizer: Optimizer) -> None:
+    """Refuse a fused SGD over bf16 or fp16 parameters on CPU when this torch's kernel would not update them: the
+    run would go on, silently untrained."""
+    from descent.config import ConfigError
+
+    if not isinstance(optimizer, SGD):
+        return
+    dtypes = {
+        param.dtype
+        for group in optimizer.param_groups
+        if group.get("fused")
+        for param in group["params"]
+        if param.device.type == "cpu" and param.dtype in (torch.bfloat16, torch.float16)
+    }
+    for dtype in sorted(dtypes, key=str):
+        if fused_sgd_skips(dtype):
+            raise ConfigError(
+                "optimizer.fused",
+                True,
+                f"torch {torch.__version__}'s fused SGD on CPU leaves {dtype} parameters unchanged "
+                "(pytorch/pytorch#191763), so this run would not train: use optimizer.fused=false, or a float32 "
+                "trainer.precision",
+            )
 
 
 def build_lr_scheduler(config: Mapping[str, Any], optimizer: Optimizer) -> dict[str, Any]:

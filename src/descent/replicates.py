@@ -106,8 +106,9 @@ def summarize(entries: list[dict[str, Any]]) -> dict[str, Any]:
         "std": {name: value.std for name, value in stats.items()},
         "ci95": {name: [value.low, value.high] for name, value in stats.items()},
         "metrics": {name: value.mean for name, value in stats.items()},
-        "epochs": sum(entry.get("epochs") or 0 for entry in entries),
-        "steps": sum(entry.get("steps") or 0 for entry in entries),
+        # the longest replicate's, as a single run of the setting counts them (each one's own are in `replicates`)
+        "epochs": max((entry.get("epochs") or 0 for entry in entries), default=0),
+        "steps": max((entry.get("steps") or 0 for entry in entries), default=0),
         "best_epoch": [entry.get("best_epoch") for entry in entries],
         **{key: entries[0].get(key) for key in ("n_train", "n_val", "n_test", "batch_size") if entries},
     }
