@@ -1,11 +1,13 @@
 """What keeps a run fast must not change what it means: the same metrics, checkpoints and callbacks."""
 
 import gc
+import math
 import re
 import sys
 import weakref
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from conftest import ENV, ROOT, compose_train
 from hydra.utils import instantiate
@@ -266,8 +268,9 @@ def test_the_divergence_flag_is_read_on_the_host_only_every_16_batches_when_the_
     assert len(counted) == reads and model.diverged_at is None
 
 
-def fitted(tmp_path, *overrides: str) -> tuple[Classifier, list[torch.Tensor], int]:
-    """A one-epoch fit in this process: the model, its optimizer's state tensors after fit, its global step."""
+def fitted(tmp_path, *overrides: str, extra=()) -> tuple[Classifier, list[torch.Tensor], int]:
+    """A one-epoch fit in this process (`extra`: callbacks first): the model, its optimizer's state tensors after fit,
+    its global step."""
     from descent.train import build_datamodule, build_model
 
     tmp_path.mkdir()
@@ -276,7 +279,7 @@ def fitted(tmp_path, *overrides: str) -> tuple[Classifier, list[torch.Tensor], i
     split = train_val_test(source.labels, tuple(cfg.data.split), cfg.data.split_seed)
     torch.manual_seed(0)
     model = build_model(cfg, source, split)
-    trainer = build_trainer(cfg, tmp_path, EpochHistory(tmp_path / "m.csv"), GracefulStop(tmp_path / "l"))
+    trainer = build_trainer(cfg, tmp_path, EpochHistory(tmp_path / "m.csv"), GracefulStop(tmp_path / "l"), extra=extra)
     torch.set_num_threads(1)
     trainer.fit(model, datamodule=build_datamodule(cfg, source, split, cfg.data.batch_size))
     optimizer = trainer.optimizers[0]
@@ -306,3 +309,34 @@ def test_on_an_accelerator_an_optimizer_that_cannot_skip_has_its_state_put_back_
     assert len(state_held) == len(state_at_once) > 0
     for mine, theirs in zip(state_held, state_at_once, strict=True):
         torch.testing.assert_close(mine, theirs, rtol=0, atol=0, equal_nan=True)
+
+
+class NanBatch(pl.Callback):
+    """Turns the inputs of training batch `index` (of the first epoch) to NaN: its loss is not finite."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.current_epoch == 0 and batch_idx == self.index:
+            batch[0][:] = math.nan
+
+
+def test_with_accumulated_batches_a_non_finite_batch_ending_a_window_leaves_its_step_unmade_on_every_path(
+    tmp_path, monkeypatch
+):
+    # two batches a step: batch 2 is finite, batch 3 (the last of step 1's window) is not. Step 1 must not be made
+    # from batch 2's gradient alone: the run ends with the weights and RMSprop's state of step 0, on CPU (the flag
+    # read at once) as on an accelerator (here: CPU told it is one; the state held and put back)
+    accumulating = ("optimizer=rmsprop", "+trainer.accumulate_grad_batches=2")
+    one_step, one_step_state, _ = fitted(tmp_path / "one_step", *accumulating, "+trainer.max_steps=1")
+    read_at_once, state_at_once, _ = fitted(tmp_path / "cpu", *accumulating, extra=(NanBatch(3),))
+    monkeypatch.setattr(descent.model, "reads_every_step", lambda device: False)
+    held, state_held, _ = fitted(tmp_path / "accelerator", *accumulating, extra=(NanBatch(3),))
+    assert not read_at_once.holds_state and held.holds_state and read_at_once.diverged_at == held.diverged_at == 1
+    for model, state in ((read_at_once, state_at_once), (held, state_held)):
+        for (name, mine), theirs in zip(model.net.named_parameters(), one_step.net.parameters(), strict=True):
+            torch.testing.assert_close(mine, theirs, rtol=0, atol=0, msg=name)
+        assert len(state) == len(one_step_state) > 0
+        for mine, theirs in zip(state, one_step_state, strict=True):
+            torch.testing.assert_close(mine, theirs, rtol=0, atol=0)

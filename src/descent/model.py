@@ -264,7 +264,12 @@ class Classifier(pl.LightningModule):
         self.nonfinite_step.copy_(torch.where(self.nonfinite, self.nonfinite_step, self.global_step))
         self.nonfinite |= ~torch.isfinite(loss)
         if not (self.optimizer_skips or self.holds_state):
-            return None if self.read_divergence() else loss
+            if not self.read_divergence():
+                return loss
+            # no gradient left for this batch's optimizer step: with accumulate_grad_batches, the finite batches
+            # before it in the window would otherwise still make it
+            self.optimizers(use_pl_optimizer=False).zero_grad(set_to_none=True)
+            return None
         if self.optimizer_skips:  # 1: the fused step changes neither weights nor state
             self.optimizers(use_pl_optimizer=False).found_inf = self.nonfinite.float()
         if (batch_idx + 1) % DIVERGENCE_READ_EVERY == 0 or batch_idx + 1 == self.trainer.num_training_batches:
