@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch.optim import SGD, Optimizer
 
+from descent.config import ConfigError
+
 
 def build_optimizer(config: Mapping[str, Any], parameters: Iterable[torch.Tensor]) -> Optimizer:
     """The optimizer of an `optimizer` config (a `_partial_: true` Hydra config: torch.optim's, or one below) over
@@ -40,8 +42,6 @@ def fused_sgd_skips(dtype: torch.dtype) -> bool:
 def check_fused_sgd(optimizer: Optimizer) -> None:
     """Refuse a fused SGD over bf16 or fp16 parameters on CPU when this torch's kernel would not update them: the
     run would go on, silently untrained."""
-    from descent.config import ConfigError
-
     if not isinstance(optimizer, SGD):
         return
     dtypes = {
